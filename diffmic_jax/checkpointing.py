@@ -1,0 +1,94 @@
+"""Orbax checkpoints: the only module that imports orbax.
+
+Two managers under the workdir: `checkpoints/` keeps the latest K training checkpoints and
+`checkpoints_best/` the best-on-validation one. Each checkpoint holds the whole train state
+(both models, both optimiser states, the EMA, the step and the PRNG key) and a JSON item with
+the data-iterator position and bookkeeping. Orbax writes into a temporary directory and renames
+it when complete, so a checkpoint interrupted by a crash or `kill -9` is never restored.
+"""
+
+import os
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+
+KINDS = ("latest", "best")
+
+
+class Checkpointer:
+  """Latest-K and best checkpoints of one workdir."""
+
+  def __init__(self, workdir: str, keep: int = 3):
+    root = os.path.abspath(workdir)
+    options = lambda n: ocp.CheckpointManagerOptions(max_to_keep=n, create=True)
+    self._managers = {
+        "latest": ocp.CheckpointManager(os.path.join(root, "checkpoints"), options=options(keep)),
+        "best": ocp.CheckpointManager(os.path.join(root, "checkpoints_best"), options=options(1)),
+    }
+
+  def save(self, kind: str, step: int, state, meta: dict) -> None:
+    """Saves state and JSON meta at `step` (asynchronously; see `wait`)."""
+    self._managers[kind].save(step, args=ocp.args.Composite(
+        state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)), force=True)
+
+  def latest_step(self, kind: str = "latest"):
+    return self._managers[kind].latest_step()
+
+  def all_steps(self, kind: str = "latest"):
+    return list(self._managers[kind].all_steps())
+
+  def restore(self, kind: str, step, abstract_state):
+    """Restores (state, meta) into the structure of `abstract_state`, strictly.
+
+    Args:
+      kind: 'latest' or 'best'.
+      step: a step number, or None for the manager's latest.
+      abstract_state: a pytree of arrays or jax.ShapeDtypeStruct giving the expected
+        structure, shapes and dtypes.
+
+    Raises:
+      FileNotFoundError: no such checkpoint.
+      ValueError: the checkpoint's structure, shapes or dtypes differ from the expected ones.
+    """
+    manager = self._managers[kind]
+    step = manager.latest_step() if step is None else int(step)
+    if step is None or step not in manager.all_steps():
+      raise FileNotFoundError(f"no {kind} checkpoint at step {step} in {manager.directory}; "
+                              f"available: {sorted(manager.all_steps())}")
+    stored = manager.item_metadata(step)["state"]
+    check_structure(stored, abstract_state, f"{manager.directory}/{step}")
+    target = jax.tree.map(ocp.utils.to_shape_dtype_struct, abstract_state)
+    restored = manager.restore(step, args=ocp.args.Composite(
+        state=ocp.args.StandardRestore(target), meta=ocp.args.JsonRestore()))
+    return restored["state"], restored["meta"]
+
+  def wait(self) -> None:
+    for manager in self._managers.values():
+      manager.wait_until_finished()
+
+  def close(self) -> None:
+    for manager in self._managers.values():
+      manager.close()
+
+
+def _flatten(tree):
+  flat, _ = jax.tree_util.tree_flatten_with_path(tree)
+  return {jax.tree_util.keystr(path, simple=True, separator="/"): leaf for path, leaf in flat}
+
+
+def check_structure(stored, expected, where: str) -> None:
+  """Raises ValueError naming the first missing, unexpected or mis-shaped entry."""
+  stored_flat = _flatten(stored)
+  expected_flat = _flatten(jax.tree.map(ocp.utils.to_shape_dtype_struct, expected))
+  missing = sorted(set(expected_flat) - set(stored_flat))
+  extra = sorted(set(stored_flat) - set(expected_flat))
+  if missing or extra:
+    raise ValueError(f"checkpoint {where} does not match the model built from the config: "
+                     f"missing {missing[:5]}{'...' if len(missing) > 5 else ''}, "
+                     f"unexpected {extra[:5]}{'...' if len(extra) > 5 else ''}")
+  for name, want in expected_flat.items():
+    got = stored_flat[name]
+    if tuple(got.shape) != tuple(want.shape) or np.dtype(got.dtype) != np.dtype(want.dtype):
+      raise ValueError(f"checkpoint {where}: {name} has shape {tuple(got.shape)} {got.dtype}, "
+                       f"the config expects {tuple(want.shape)} {want.dtype}")

@@ -1,0 +1,104 @@
+"""The conditional noise model ε_θ(x, y_t, t, ŷ) and its image encoder ρ(x), REFERENCE.md §3–4.
+
+ρ(x) = BN₀(Dense_{512→F}(GAP(ResNet-18(x)))) is computed by `encode` and can be reused by
+several `denoise` calls (three noising streams per training step, every sampler step).
+`denoise` is CARD's conditional MLP: three ConditionalLinear layers (Dense times a learned
+per-timestep vector γ_t), each followed by BatchNorm and softplus, the Hadamard product with
+ρ(x) after the first, then a Dense to C.
+"""
+
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from diffmic_jax import layers
+from diffmic_jax import resnet
+
+
+def _uniform01(key, shape, dtype=jnp.float32):
+  return jax.random.uniform(key, shape, dtype)
+
+
+class ConditionalLinear(nn.Module):
+  """out = γ_t ⊙ (W·in + b), γ a learned (num_steps × F) table initialised U[0, 1)."""
+
+  features: int
+  num_steps: int
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x, t):
+    """x: [B, D_in]; t: [B] or [] int timesteps -> [B, F]."""
+    out = layers.TorchDense(self.features, dtype=self.dtype, name="lin")(x)
+    gamma = nn.Embed(self.num_steps, self.features, embedding_init=_uniform01,
+                     name="embed")(t).astype(self.dtype)
+    return (gamma if gamma.ndim == 2 else gamma[None, :]) * out
+
+
+class NoiseModel(nn.Module):
+  """ε_θ with its encoder ρ.
+
+  Attributes:
+    num_classes: C.
+    num_timesteps: T; the γ tables have T + 1 rows as in the official code (row T unused).
+    feature_dim: F (6144 in the paper).
+    encoder: `resnet.ResNet` constructor kwargs as a tuple of (name, value) pairs.
+    conditioning_width: number of C-wide vectors concatenated with y_t (1: [y_t, ŷ] as the
+      official code; 2: the paper's [y_t, ŷ_g, ŷ_l]).
+    encoder_bn_momentum: momentum of BN₀; a shared ρ(x) applied to three streams is
+      equivalent to three official updates with 0.9**3.
+    unbiased_running_var: PyTorch's BatchNorm running-variance convention.
+  """
+
+  num_classes: int
+  num_timesteps: int
+  feature_dim: int
+  encoder: Any
+  conditioning_width: int = 1
+  encoder_bn_momentum: float = 0.9
+  unbiased_running_var: bool = True
+  dtype: Any = jnp.float32
+
+  def setup(self):
+    bn = lambda **kw: layers.BatchNorm(unbiased_running_var=self.unbiased_running_var,
+                                       dtype=self.dtype, **kw)
+    self.encoder_net = resnet.ResNet(dtype=self.dtype, **dict(self.encoder))
+    self.encoder_proj = layers.TorchDense(self.feature_dim, dtype=self.dtype)
+    self.norm = bn(momentum=self.encoder_bn_momentum)
+    steps = self.num_timesteps + 1
+    self.lin1 = ConditionalLinear(self.feature_dim, steps, self.dtype)
+    self.lin2 = ConditionalLinear(self.feature_dim, steps, self.dtype)
+    self.lin3 = ConditionalLinear(self.feature_dim, steps, self.dtype)
+    self.norm1, self.norm2, self.norm3 = bn(), bn(), bn()
+    self.lin4 = layers.TorchDense(self.num_classes, dtype=self.dtype)
+
+  def encode(self, x, train: bool):
+    """ρ(x) after BN₀: x [B, H, W, 3] -> [B, F]."""
+    pooled, _ = self.encoder_net(x, train)
+    return self.norm(self.encoder_proj(pooled.astype(self.dtype)), train)
+
+  def denoise(self, features, y_t, conditioning, t, train: bool):
+    """ε̂ from cached image features.
+
+    Args:
+      features: [B, F] ρ(x) from `encode`.
+      y_t: [B, C] noisy label vector.
+      conditioning: [B, C·conditioning_width] the guidance prior(s) ŷ.
+      t: [B] or [] integer timesteps in [0, T).
+      train: BatchNorm mode.
+
+    Returns:
+      [B, C] float32 ε̂.
+    """
+    u = jnp.concatenate([y_t, conditioning], axis=-1).astype(self.dtype)
+    h = nn.softplus(self.norm1(self.lin1(u, t), train))
+    h = features.astype(self.dtype) * h
+    h = nn.softplus(self.norm2(self.lin2(h, t), train))
+    h = nn.softplus(self.norm3(self.lin3(h, t), train))
+    return self.lin4(h).astype(jnp.float32)
+
+  def __call__(self, x, y_t, conditioning, t, train: bool):
+    """The official forward: ρ(x) recomputed, then `denoise`."""
+    return self.denoise(self.encode(x, train), y_t, conditioning, t, train)

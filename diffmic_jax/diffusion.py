@@ -1,0 +1,132 @@
+"""CARD diffusion with a prior mean (the math of DiffMIC), REFERENCE.md §5.
+
+Indices are 0-based as in the official code: β_i = linspace(β_1, β_T, T)[i], ᾱ_i = Π_{s≤i} α_s,
+so index 0 is already one noising step. All functions are pure; shapes use B (batch) and C
+(classes).
+"""
+
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+
+class Schedule(NamedTuple):
+  """Noise schedule tables, each [T] float32."""
+
+  betas: jax.Array
+  alphas: jax.Array
+  alphas_cumprod: jax.Array  # ᾱ_i
+
+  @property
+  def num_timesteps(self) -> int:
+    return self.betas.shape[0]
+
+
+def linear_schedule(num_timesteps: int = 1000, beta_start: float = 1e-4,
+                    beta_end: float = 0.02) -> Schedule:
+  """Linear β schedule, computed in float64 and stored as float32 (official: linear, 1e-4..0.02)."""
+  betas = np.linspace(beta_start, beta_end, num_timesteps, dtype=np.float64)
+  alphas = 1.0 - betas
+  alphas_cumprod = np.cumprod(alphas)
+  return Schedule(*(jnp.asarray(a, jnp.float32) for a in (betas, alphas, alphas_cumprod)))
+
+
+def _at(table, t):
+  """table[t] broadcast against [B, C] values: t [B] -> [B, 1], t [] -> []."""
+  value = table[t]
+  return value[..., None] if jnp.ndim(value) == 1 else value
+
+
+def q_sample(schedule: Schedule, y0, prior_mean, t, noise):
+  """Forward process with a prior mean (CARD), paper Eq. 2.
+
+  y_t = √ᾱ_t·y₀ + (1 − √ᾱ_t)·μ + √(1 − ᾱ_t)·ε.
+
+  Args:
+    schedule: the noise schedule.
+    y0: [B, C] clean label vectors (one-hot).
+    prior_mean: [B, C] μ (softmax of the guidance logits).
+    t: [B] integer timesteps.
+    noise: [B, C] ε ~ N(0, I).
+
+  Returns:
+    [B, C] y_t.
+  """
+  sqrt_ab = jnp.sqrt(_at(schedule.alphas_cumprod, t))
+  sqrt_1m_ab = jnp.sqrt(1.0 - _at(schedule.alphas_cumprod, t))
+  return sqrt_ab * y0 + (1.0 - sqrt_ab) * prior_mean + sqrt_1m_ab * noise
+
+
+def antithetic_timesteps(key, batch_size: int, num_timesteps: int):
+  """Antithetic t (official): t' ~ U{0..T−1} of size ⌊B/2⌋+1, t = [t', T−1−t'][:B]. -> [B] int32."""
+  half = jax.random.randint(key, (batch_size // 2 + 1,), 0, num_timesteps)
+  return jnp.concatenate([half, num_timesteps - 1 - half])[:batch_size].astype(jnp.int32)
+
+
+def predict_y0(schedule: Schedule, y_t, prior_mean, eps_pred, t):
+  """ŷ₀ = (y_t − (1 − √ᾱ_t)·μ − √(1−ᾱ_t)·ε̂)/√ᾱ_t, the inverse of `q_sample`. Shapes [B, C]."""
+  sqrt_1m_ab = jnp.sqrt(1.0 - _at(schedule.alphas_cumprod, t))
+  sqrt_ab = jnp.sqrt(1.0 - jnp.square(sqrt_1m_ab))  # official: √ᾱ recomputed from √(1−ᾱ)
+  return (y_t - (1.0 - sqrt_ab) * prior_mean - sqrt_1m_ab * eps_pred) / sqrt_ab
+
+
+def posterior_step(schedule: Schedule, y_t, prior_mean, eps_pred, t, t_prev, noise):
+  """One reverse step y_t -> y_{t_prev} of the CARD sampler (§5.6), for any t_prev < t.
+
+  With ᾱ' = ᾱ_t/ᾱ_{t_prev} and β' = 1 − ᾱ' (for t_prev = t−1 these are α_t and β_t):
+  γ₀ = β'·√ᾱ_{t_prev}/(1−ᾱ_t), γ₁ = (1−ᾱ_{t_prev})·√ᾱ'/(1−ᾱ_t),
+  γ₂ = 1 + (√ᾱ_t − 1)(√ᾱ' + √ᾱ_{t_prev})/(1−ᾱ_t), mean = γ₀ŷ₀ + γ₁y_t + γ₂μ,
+  var = (1−ᾱ_{t_prev})/(1−ᾱ_t)·β'. Respaced chains use the same formula on the subsequence.
+
+  Args:
+    schedule: the noise schedule.
+    y_t: [B, C]; prior_mean: [B, C] μ; eps_pred: [B, C] ε̂ = ε_θ(x, y_t, t, ŷ).
+    t, t_prev: [] integer timesteps, t_prev < t.
+    noise: [B, C] z ~ N(0, I).
+
+  Returns:
+    ([B, C] y_{t_prev}, [B, C] ŷ₀).
+  """
+  ab_t = schedule.alphas_cumprod[t]
+  ab_prev = schedule.alphas_cumprod[t_prev]
+  # Consecutive steps read α_t from the table, as the official code; respaced ones derive it.
+  alpha = jnp.where(t_prev == t - 1, schedule.alphas[t], ab_t / ab_prev)
+  beta = 1.0 - alpha
+  y0_pred = predict_y0(schedule, y_t, prior_mean, eps_pred, t)
+  sqrt_ab_t = jnp.sqrt(ab_t)
+  gamma0 = beta * jnp.sqrt(ab_prev) / (1.0 - ab_t)
+  gamma1 = (1.0 - ab_prev) * jnp.sqrt(alpha) / (1.0 - ab_t)
+  gamma2 = 1.0 + (sqrt_ab_t - 1.0) * (jnp.sqrt(alpha) + jnp.sqrt(ab_prev)) / (1.0 - ab_t)
+  mean = gamma0 * y0_pred + gamma1 * y_t + gamma2 * prior_mean
+  variance = (1.0 - ab_prev) / (1.0 - ab_t) * beta
+  return mean + jnp.sqrt(variance) * noise, y0_pred
+
+
+def timestep_sequence(sampler: str, num_timesteps: int, num_steps: int) -> tuple[int, ...]:
+  """Descending schedule indices visited by the sampler, ending at 0.
+
+  Args:
+    sampler: 'official_truncated' (N−1, …, 0 on the T-step table, as the official --test),
+      'full' (T−1, …, 0) or 'respaced' (N indices evenly spaced over [0, T−1]).
+    num_timesteps: T.
+    num_steps: N (ignored by 'full').
+  """
+  if sampler not in SAMPLERS:
+    raise ValueError(f"unknown sampler {sampler!r}; choose from {sorted(SAMPLERS)}")
+  if sampler != "full" and not 1 <= num_steps <= num_timesteps:
+    raise ValueError(f"sampler {sampler!r}: steps must be in [1, {num_timesteps}], got {num_steps}")
+  return SAMPLERS[sampler](num_timesteps, num_steps)
+
+
+def _respaced(num_timesteps, num_steps):
+  indices = np.unique(np.round(np.linspace(0, num_timesteps - 1, num_steps)).astype(int))
+  return tuple(int(i) for i in indices[::-1])
+
+
+SAMPLERS = {
+    "official_truncated": lambda total, n: tuple(range(n - 1, -1, -1)),
+    "full": lambda total, n: tuple(range(total - 1, -1, -1)),
+    "respaced": _respaced,
+}

@@ -1,0 +1,90 @@
+"""One evaluation function over a whole split, used for validation and for the test.
+
+Padded batches are masked, predictions from every batch are gathered, and metrics come from the
+whole split. The DCG heads (fused, global, local) are scored beside the diffusion head, so users
+see what the diffusion adds.
+"""
+
+import functools
+import os
+
+import jax
+import numpy as np
+from jax.experimental import multihost_utils
+
+from diffmic_jax import metrics
+from diffmic_jax import sampler
+from diffmic_jax import sharding
+
+
+@functools.lru_cache(maxsize=8)
+def _sample_fn(models, sampler_name: str, num_steps: int, num_samples: int):
+  # Cached so that every validation reuses one compiled sampler.
+  return sampler.make_sample_fn(models, sampler_name, num_steps, num_samples)
+
+
+def eval_variables(variables: dict, ema_params, use_ema: bool) -> dict:
+  """Variables for evaluation: the denoiser's EMA parameters replace its raw ones if asked."""
+  if not use_ema or "denoiser" not in variables:
+    return variables
+  return {**variables, "denoiser": {**variables["denoiser"], "params": ema_params}}
+
+
+def predict(models, variables, batches, key, mesh, *, sampler_name: str, num_steps: int,
+            num_samples: int = 1) -> dict:
+  """Runs the sampler over every batch and gathers the unpadded outputs on the host.
+
+  Args:
+    models: the model bundle.
+    variables: {'guidance', 'denoiser'} variables.
+    batches: iterable of {'image': [B, H, W, 3], 'label': [B], 'mask': [B]} host batches.
+    key: PRNG key; batch i uses fold_in(key, i).
+    mesh: the ('data',) mesh.
+    sampler_name, num_steps, num_samples: see `sampler.make_sample_fn`.
+
+  Returns:
+    {'labels': [N], 'probs': [N, C], 'fused'/'global'/'local': [N, C] guidance logits}.
+  """
+  sample_fn = _sample_fn(models, sampler_name, num_steps, num_samples)
+  outputs = []
+  for i, batch in enumerate(sharding.prefetch(batches, mesh)):
+    out = sample_fn(variables, batch["image"], jax.random.fold_in(key, i))
+    outputs.append({"labels": batch["label"], "mask": batch["mask"], "probs": out["probs"],
+                    **out["guidance_logits"]})
+  if not outputs:
+    raise ValueError("evaluation split is empty")
+  gathered = multihost_utils.process_allgather(outputs, tiled=True)
+  merged = {k: np.concatenate([np.asarray(o[k]) for o in gathered]) for k in gathered[0]}
+  mask = merged.pop("mask").astype(bool)
+  return {k: v[mask] for k, v in merged.items()}
+
+
+def _softmax(logits):
+  z = np.exp(logits - logits.max(axis=1, keepdims=True))
+  return z / z.sum(axis=1, keepdims=True)
+
+
+def score(predictions: dict, num_classes: int, with_diffusion: bool = True) -> dict:
+  """Metrics of the diffusion head and of each DCG head: {head: metrics dict}."""
+  labels = predictions["labels"]
+  results = {}
+  if with_diffusion:
+    results["diffusion"] = metrics.classification_metrics(predictions["probs"], labels, num_classes)
+  for head in ("fused", "global", "local"):
+    results[f"dcg_{head}"] = metrics.classification_metrics(
+        _softmax(predictions[head].astype(np.float64)), labels, num_classes)
+  return results
+
+
+def write_report(results: dict, class_names, workdir: str, split: str, extra: dict) -> str:
+  """Writes DIR/eval/<split>_metrics.json and the confusion-matrix PNG; returns the table."""
+  out_dir = os.path.join(workdir, "eval")
+  os.makedirs(out_dir, exist_ok=True)
+  head, main = next(iter(results.items()))
+  if jax.process_index() == 0:
+    metrics.write_json(os.path.join(out_dir, f"{split}_metrics.json"),
+                       {**extra, "class_names": list(class_names), "heads": results})
+    metrics.save_confusion_png(main["confusion_matrix"], class_names,
+                               os.path.join(out_dir, f"{split}_confusion.png"),
+                               f"{split}: {head} (accuracy {main['accuracy']:.3f})")
+  return metrics.format_table(results, class_names)

@@ -1,0 +1,118 @@
+"""Classification metrics over a whole split (never averages of batch means), host-side.
+
+Built on scikit-learn; specificity and the expected calibration error, which scikit-learn does
+not provide, are derived from the confusion matrix and the probabilities.
+"""
+
+import json
+import os
+
+import numpy as np
+from sklearn import metrics as skm
+
+
+def expected_calibration_error(probs, labels, num_bins: int = 15) -> float:
+  """ECE with equal-width confidence bins. probs: [N, C]; labels: [N]."""
+  confidence = probs.max(axis=1)
+  correct = (probs.argmax(axis=1) == labels).astype(np.float64)
+  bins = np.minimum((confidence * num_bins).astype(int), num_bins - 1)
+  ece = 0.0
+  for b in range(num_bins):
+    in_bin = bins == b
+    if in_bin.any():
+      ece += in_bin.mean() * abs(correct[in_bin].mean() - confidence[in_bin].mean())
+  return float(ece)
+
+
+def macro_ovr_auc(probs, labels, num_classes: int):
+  """Macro one-vs-rest ROC AUC over the classes present with both outcomes; None if none."""
+  aucs = [skm.roc_auc_score(labels == c, probs[:, c]) for c in range(num_classes)
+          if 0 < np.sum(labels == c) < len(labels)]
+  return float(np.mean(aucs)) if aucs else None
+
+
+def per_class(confusion):
+  """Per-class precision, sensitivity (recall) and specificity from a [C, C] matrix (rows = truth)."""
+  tp = np.diag(confusion).astype(np.float64)
+  fp = confusion.sum(axis=0) - tp
+  fn = confusion.sum(axis=1) - tp
+  tn = confusion.sum() - tp - fp - fn
+  ratio = lambda a, b: [float(x) if d > 0 else None for x, d in zip(a / np.maximum(b, 1), b)]
+  return {"precision": ratio(tp, tp + fp), "sensitivity": ratio(tp, tp + fn),
+          "specificity": ratio(tn, tn + fp)}
+
+
+def classification_metrics(probs, labels, num_classes: int) -> dict:
+  """All metrics of one classifier on one split.
+
+  Args:
+    probs: [N, C] class probabilities (softmax of ŷ₀ or of guidance logits).
+    labels: [N] integer labels.
+    num_classes: C.
+
+  Returns:
+    accuracy, macro/weighted F1, quadratic-weighted kappa, balanced accuracy, macro OvR AUC,
+    ECE, per-class precision/sensitivity/specificity and the confusion matrix (rows = truth).
+  """
+  probs = np.asarray(probs, np.float64)
+  labels = np.asarray(labels, np.int64)
+  preds = probs.argmax(axis=1)
+  classes = list(range(num_classes))
+  confusion = skm.confusion_matrix(labels, preds, labels=classes)
+  f1 = lambda avg: float(skm.f1_score(labels, preds, labels=classes, average=avg, zero_division=0))
+  both_constant = len(np.unique(labels)) == 1 and len(np.unique(preds)) == 1
+  return {
+      "num_examples": int(len(labels)),
+      "accuracy": float(np.mean(preds == labels)),
+      "f1_macro": f1("macro"),
+      "f1_weighted": f1("weighted"),
+      # kappa is undefined (0/0) when truth and prediction are one identical class.
+      "kappa_quadratic": 1.0 if both_constant and preds[0] == labels[0] else float(
+          np.nan_to_num(skm.cohen_kappa_score(labels, preds, labels=classes, weights="quadratic"))),
+      "balanced_accuracy": float(np.mean([r for r in per_class(confusion)["sensitivity"]
+                                          if r is not None])),
+      "auc_macro_ovr": macro_ovr_auc(probs, labels, num_classes),
+      "ece": expected_calibration_error(probs, labels),
+      "per_class": per_class(confusion),
+      "confusion_matrix": confusion.tolist(),
+  }
+
+
+def format_table(results: dict, class_names) -> str:
+  """A plain-text table: one row per classifier head, then the diffusion head's per-class rows."""
+  keys = ["accuracy", "f1_macro", "f1_weighted", "kappa_quadratic", "balanced_accuracy",
+          "auc_macro_ovr", "ece"]
+  lines = [f"{'head':<16}" + "".join(f"{k:>18}" for k in keys)]
+  for head, m in results.items():
+    cells = "".join(f"{m[k]:>18.4f}" if m[k] is not None else f"{'n/a':>18}" for k in keys)
+    lines.append(f"{head:<16}{cells}")
+  main = next(iter(results.values()))
+  lines.append(f"\n{'class':<16}{'precision':>12}{'sensitivity':>12}{'specificity':>12}")
+  fmt = lambda v: f"{v:>12.4f}" if v is not None else f"{'n/a':>12}"
+  for i, name in enumerate(class_names):
+    pc = main["per_class"]
+    lines.append(f"{name:<16}" + fmt(pc["precision"][i]) + fmt(pc["sensitivity"][i])
+                 + fmt(pc["specificity"][i]))
+  return "\n".join(lines)
+
+
+def save_confusion_png(confusion, class_names, path: str, title: str) -> None:
+  """Writes the confusion matrix as a PNG (matplotlib, headless backend)."""
+  import matplotlib  # pylint: disable=g-import-not-at-top
+  matplotlib.use("Agg")
+  from matplotlib import pyplot as plt  # pylint: disable=g-import-not-at-top
+  display = skm.ConfusionMatrixDisplay(np.asarray(confusion), display_labels=list(class_names))
+  fig, ax = plt.subplots(figsize=(1.2 * len(class_names) + 3, 1.2 * len(class_names) + 2))
+  display.plot(ax=ax, colorbar=False, xticks_rotation=45)
+  ax.set_title(title)
+  fig.tight_layout()
+  fig.savefig(path, dpi=100)
+  plt.close(fig)
+
+
+def write_json(path: str, payload) -> None:
+  """Writes JSON atomically (temporary file then rename)."""
+  tmp = path + ".tmp"
+  with open(tmp, "w") as f:
+    json.dump(payload, f, indent=2)
+  os.replace(tmp, path)

@@ -1,0 +1,96 @@
+"""The CARD reverse process as one pure, jittable function over explicit variables.
+
+    sample_fn = jax.jit(functools.partial(sampler.sample, models, timesteps=ts, num_samples=1))
+    out = sample_fn(variables, images, key)
+
+The guidance model and ρ(x) run once per batch; the chain is one `lax.scan`; several samples
+per image are vmapped over keys.
+"""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+
+from diffmic_jax import denoiser as denoiser_lib
+from diffmic_jax import diffusion
+from diffmic_jax import models as models_lib
+
+
+def run_chain(denoise_fn, schedule, prior_mean, conditioning, key, timesteps):
+  """One reverse chain for a batch.
+
+  Args:
+    denoise_fn: (y_t [B, C], conditioning, t []) -> ε̂ [B, C].
+    schedule: the noise schedule.
+    prior_mean: [B, C] μ; the chain starts at y = μ + z.
+    conditioning: [B, ·] ŷ fed to the denoiser.
+    key: PRNG key.
+    timesteps: descending schedule indices ending at 0 (`diffusion.timestep_sequence`).
+
+  Returns:
+    [B, C] ŷ₀.
+  """
+  ts = jnp.asarray(timesteps, jnp.int32)
+  key_init, key_steps = jax.random.split(key)
+  y = prior_mean + jax.random.normal(key_init, prior_mean.shape, prior_mean.dtype)
+
+  def step(y, t_pair):
+    t, t_prev = t_pair
+    noise = jax.random.normal(jax.random.fold_in(key_steps, t), y.shape, y.dtype)
+    eps = denoise_fn(y, conditioning, t)
+    y, _ = diffusion.posterior_step(schedule, y, prior_mean, eps, t, t_prev, noise)
+    return y, None
+
+  y, _ = jax.lax.scan(step, y, (ts[:-1], ts[1:]))
+  eps = denoise_fn(y, conditioning, ts[-1])
+  return diffusion.predict_y0(schedule, y, prior_mean, eps, ts[-1])
+
+
+def guidance_outputs(models, variables, images):
+  """Eval-mode guidance forward: (logits {'fused','global','local'} [B, C], aux)."""
+  return models.guidance.apply(variables["guidance"], images, train=False)
+
+
+def sample(models: models_lib.Models, variables, images, key, *, timesteps, num_samples: int = 1):
+  """Classifies a batch with the DiffMIC reverse process.
+
+  Args:
+    models: the static model bundle (`models.create_models`).
+    variables: {'guidance': ..., 'denoiser': ...} Flax variables.
+    images: [B, H, W, 3] normalised images.
+    key: PRNG key; the same key gives the same output.
+    timesteps: descending indices (`diffusion.timestep_sequence`), a static tuple.
+    num_samples: S reverse chains per image.
+
+  Returns:
+    {'y0': [B, S, C] ŷ₀ of every sample, 'probs': [B, C] mean over samples of softmax(ŷ₀),
+     'prediction': [B] argmax of 'probs' (= argmax ŷ₀ for S = 1), 'guidance_logits':
+     {'fused','global','local'} [B, C]}. Without a denoiser (ablation 'basic') 'y0' holds the
+     classifier logits.
+  """
+  logits, _ = guidance_outputs(models, variables, images)
+  if models.denoiser is None:
+    y0 = logits["fused"][:, None, :]
+  else:
+    prior_mean, conditioning = models_lib.stream_inputs(models, logits)["fused"]
+    dvars = variables["denoiser"]
+    features = models.denoiser.apply(dvars, images, train=False,
+                                     method=denoiser_lib.NoiseModel.encode)
+
+    def denoise_fn(y, cond, t):
+      return models.denoiser.apply(dvars, features, y, cond, t, train=False,
+                                   method=denoiser_lib.NoiseModel.denoise)
+
+    chain = functools.partial(run_chain, denoise_fn, models.schedule(), prior_mean, conditioning,
+                              timesteps=timesteps)
+    y0 = jnp.moveaxis(jax.vmap(chain)(jax.random.split(key, num_samples)), 0, 1)
+  probs = jnp.mean(jax.nn.softmax(y0, axis=-1), axis=1)
+  return {"y0": y0, "probs": probs, "prediction": jnp.argmax(probs, axis=-1),
+          "guidance_logits": logits}
+
+
+def make_sample_fn(models, sampler: str, num_steps: int, num_samples: int = 1):
+  """A jitted `(variables, images, key) -> sample(...)` for a named sampler and N steps."""
+  timesteps = diffusion.timestep_sequence(sampler, models.num_timesteps, num_steps)
+  return jax.jit(functools.partial(sample, models, timesteps=timesteps, num_samples=num_samples))
