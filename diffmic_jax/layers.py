@@ -81,7 +81,7 @@ class BatchNorm(nn.Module):
       axes = tuple(range(x.ndim - 1))
       x32 = x.astype(jnp.float32)
       mean = jnp.mean(x32, axes)
-      var = jnp.mean(jnp.square(x32 - mean), axes)
+      var = jnp.mean(jnp.square(x32 - mean.reshape((1,) * len(axes) + (features,))), axes)
       if not self.is_initializing():
         count = x.size // features
         stored_var = var * (count / max(count - 1, 1)) if self.unbiased_running_var else var
@@ -90,7 +90,9 @@ class BatchNorm(nn.Module):
     else:
       mean, var = ra_mean.value, ra_var.value
     mul = scale * jax.lax.rsqrt(var + self.epsilon)
-    return (x * mul.astype(self.dtype) + (bias - mean * mul).astype(self.dtype)).astype(self.dtype)
+    shape = (1,) * (x.ndim - 1) + (features,)
+    shift = (bias - mean * mul).astype(self.dtype).reshape(shape)
+    return (x * mul.astype(self.dtype).reshape(shape) + shift).astype(self.dtype)
 
 
 class Conv(nn.Module):

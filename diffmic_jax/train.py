@@ -70,12 +70,14 @@ def build_optimizers(config, steps_per_epoch: int):
   return guidance_tx, denoiser_tx, schedule
 
 
-def create_train_state(models, config, guidance_tx, denoiser_tx, key) -> TrainState:
-  """Initialises variables (plus pretrained trunks if configured) and optimiser states."""
+def create_train_state(models, config, guidance_tx, denoiser_tx, key,
+                       load_pretrained: bool = True) -> TrainState:
+  """Initialises variables (plus configured pretrained trunks) and optimiser states."""
   key_init, key_train = jax.random.split(key)
   variables = jax.jit(models_lib.init_variables, static_argnums=(0, 2))(
       models, key_init, config.data.image_size)
-  variables = pretrained.load_configured(variables, config)
+  if load_pretrained:
+    variables = pretrained.load_configured(variables, config)
   den = variables.get("denoiser", {})
   return TrainState(
       step=jnp.zeros([], jnp.int32), key=key_train,
@@ -311,7 +313,7 @@ def _validate_config(config):
 def _abstract_state(run: _Run):
   guidance_tx, denoiser_tx, _ = build_optimizers(run.config, run.steps_per_epoch)
   return jax.eval_shape(lambda k: create_train_state(run.models, run.config, guidance_tx,
-                                                     denoiser_tx, k),
+                                                     denoiser_tx, k, load_pretrained=False),
                         jax.random.PRNGKey(0))
 
 

@@ -1,0 +1,93 @@
+"""`--mode summary`: parameter counts per component and FLOPs per image.
+
+Counts come from `jax.eval_shape` (nothing is allocated). FLOPs come from XLA's cost analysis
+of the lowered computations; loops are counted once by XLA, so the sampler's cost is composed
+as guidance + ρ(x) + N × one denoiser step.
+"""
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+
+from diffmic_jax import denoiser as denoiser_lib
+from diffmic_jax import diffusion
+from diffmic_jax import models as models_lib
+from diffmic_jax import train
+
+
+def _count(tree) -> int:
+  return models_lib.count_parameters(tree)
+
+
+def parameter_counts(models, variables) -> dict:
+  """{component: number of parameters} (BatchNorm scale/bias counted, statistics not)."""
+  g = variables["guidance"]["params"]
+  counts = {"guidance_total": _count(g)}
+  for name, sub in g.items():
+    counts[f"guidance/{name}"] = _count(sub)
+  if "denoiser" in variables:
+    d = variables["denoiser"]["params"]
+    counts["denoiser_total"] = _count(d)
+    encoder = ("encoder_net", "encoder_proj", "norm")
+    counts["denoiser/rho_x"] = sum(_count(d[k]) for k in encoder)
+    counts["denoiser/mlp"] = counts["denoiser_total"] - counts["denoiser/rho_x"]
+    counts["denoiser/time_embeddings"] = sum(_count(d[f"lin{i}"]["embed"]) for i in (1, 2, 3))
+  return counts
+
+
+def _flops(fn, *args) -> float:
+  return float(jax.jit(fn).lower(*args).cost_analysis()["flops"])
+
+
+def flops_per_image(models, config, variables) -> dict:
+  """XLA-counted FLOPs per image of the guidance forward, ρ(x), one denoiser step, inference
+  with the configured test sampler, and one joint training iteration."""
+  b, size, c = 2, config.data.image_size, models.num_classes
+  images = jax.ShapeDtypeStruct((b, size, size, 3), jnp.float32)
+  vec = jax.ShapeDtypeStruct((b, c), jnp.float32)
+  guidance = _flops(lambda v, x: models.guidance.apply(v, x, train=False),
+                    variables["guidance"], images) / b
+  out = {"guidance_forward": guidance}
+  if models.denoiser is None:
+    out["inference"] = guidance
+    return out
+  dvars = variables["denoiser"]
+  width = c * models.denoiser.conditioning_width
+  out["rho_x"] = _flops(lambda v, x: models.denoiser.apply(
+      v, x, train=False, method=denoiser_lib.NoiseModel.encode), dvars, images) / b
+  out["denoiser_step"] = _flops(lambda v, f, y, cond: models.denoiser.apply(
+      v, f, y, cond, jnp.zeros([], jnp.int32), train=False,
+      method=denoiser_lib.NoiseModel.denoise),
+      dvars, jax.ShapeDtypeStruct((b, models.denoiser.feature_dim), jnp.float32), vec,
+      jax.ShapeDtypeStruct((b, width), jnp.float32)) / b
+  d = config.diffusion
+  steps = len(diffusion.timestep_sequence(d.sampler, d.timesteps, d.test_timesteps))
+  out["inference_sampler_steps"] = steps
+  out["inference"] = guidance + out["rho_x"] + steps * out["denoiser_step"]
+  out["training_joint_iteration"] = _training_flops(models, config)
+  return out
+
+
+def _training_flops(models, config) -> float:
+  batch = config.training.batch_size
+  guidance_tx, denoiser_tx, schedule = train.build_optimizers(config, steps_per_epoch=1)
+  state = jax.eval_shape(lambda k: train.create_train_state(models, config, guidance_tx,
+                                                            denoiser_tx, k,
+                                                            load_pretrained=False),
+                         jax.random.PRNGKey(0))
+  step = train.make_train_steps(models, config, guidance_tx, denoiser_tx, schedule, 0)["joint"]
+  size = config.data.image_size
+  batch_spec = {"image": jax.ShapeDtypeStruct((batch, size, size, 3), jnp.float32),
+                "label": jax.ShapeDtypeStruct((batch,), jnp.int32)}
+  return _flops(step, state, batch_spec) / batch
+
+
+def model_summary(config: ml_collections.ConfigDict) -> dict:
+  """The JSON object printed by `--mode summary`."""
+  models = models_lib.create_models(config)
+  variables = jax.eval_shape(lambda k: models_lib.init_variables(models, k, config.data.image_size),
+                             jax.random.PRNGKey(0))
+  return {"ablation": config.ablation, "num_classes": models.num_classes,
+          "image_size": config.data.image_size,
+          "parameters": parameter_counts(models, variables),
+          "flops_per_image": flops_per_image(models, config, variables)}

@@ -1,0 +1,26 @@
+"""Shared test setup: persistent XLA compilation cache, strict rank promotion, parsed absl flags
+(grain worker processes read flags), and the shared tiny model fixtures."""
+
+import os
+
+import jax
+import pytest
+from absl import flags
+
+jax.config.update("jax_compilation_cache_dir",
+                  os.environ.get("DIFFMIC_COMPILATION_CACHE",
+                                 os.path.join(os.path.expanduser("~"), ".cache", "diffmic_jax",
+                                              "xla-tests")))
+jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+jax.config.update("jax_numpy_rank_promotion", "raise")
+flags.FLAGS.mark_as_parsed()
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SHARED_DATA = os.environ.get("DIFFMIC_SHARED_DATA", os.path.join(REPO, "..", "shared", "data"))
+
+
+@pytest.fixture(scope="session")
+def tiny_config():
+  """A fresh copy of configs/test.py (tiny models on the synthetic demo data)."""
+  from configs import test as test_config  # pylint: disable=g-import-not-at-top
+  return test_config.get_config
