@@ -22,7 +22,7 @@ def get_config() -> ml_collections.ConfigDict:
   data.image_size = 224  # square side after centre square crop + resize (done at build time).
   data.num_classes = 4  # must equal the dataset's number of classes (checked).
   data.class_names = ()  # image_folder/manifest/pickle/medmnist: label order; else display names.
-  data.label_order = "official"  # HAM10000: official (MEL, NV, BCC, AKIEC, BKL, DF, VASC) | alphabetical.
+  data.label_order = "official"  # HAM: official (MEL,NV,BCC,AKIEC,BKL,DF,VASC) | alphabetical.
   data.test_fraction = 0.3  # paper protocol: HAM10000/APTOS 7:3, PMG 8:2.
   data.val_fraction = 0.1  # of the train part, carved out (stratified) to select checkpoints.
   data.split_seed = 2000  # seed of the train/val/test split (official data.seed).
@@ -33,8 +33,9 @@ def get_config() -> ml_collections.ConfigDict:
   data.rotation_degrees = 30.0  # official: RandomRotation(30), bilinear, black fill.
   data.num_workers = 0  # grain worker processes; 0 = in-process (fastest on 2 cores).
   data.class_balanced = False  # sample training examples with inverse class frequency.
-  data.skip_bad_images = False  # skip bad examples (listed in build_report.json) instead of failing.
-  data.deduplicate = False  # drop exact-content duplicates before splitting (BUSI).
+  data.skip_bad_images = False  # skip bad examples (listed in build_report.json), not fail.
+  data.deduplicate = False  # drop duplicate images (and conflicting copies) before splitting.
+  data.dedup_threshold = 8.0  # RMS of 16x16 grey thumbnails (0-255) for a duplicate; 0 = exact.
   data.manifest_file = ""  # CSV manifest path,label[,split][,group] for data.name='manifest'.
   data.train_pickle = ""  # official DiffMIC train split pickle for data.name='official_pickle'.
   data.test_pickle = ""  # official DiffMIC test split pickle for data.name='official_pickle'.

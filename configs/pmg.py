@@ -15,9 +15,9 @@ from configs import default
 
 def get_config():
   config = default.get_config()
-  config.data.name = "image_folder"
+  config.data.name = "image_folder"  # or "manifest" with --config.data.manifest_file=CSV.
   config.data.num_classes = 4
-  config.data.test_fraction = 0.2
+  config.data.test_fraction = 0.2  # paper: 8:2.
   config.training.batch_size = 64
   config.training.eval_batch_size = 64
   config.diffusion.test_timesteps = 100

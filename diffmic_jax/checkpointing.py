@@ -21,11 +21,15 @@ class Checkpointer:
 
   def __init__(self, workdir: str, keep: int = 3):
     root = os.path.abspath(workdir)
-    options = lambda n: ocp.CheckpointManagerOptions(max_to_keep=n, create=True)
-    self._managers = {
-        "latest": ocp.CheckpointManager(os.path.join(root, "checkpoints"), options=options(keep)),
-        "best": ocp.CheckpointManager(os.path.join(root, "checkpoints_best"), options=options(1)),
-    }
+    def manager(name, keep):
+      # Handlers are registered up front so that a fresh manager can read item metadata.
+      return ocp.CheckpointManager(
+          os.path.join(root, name),
+          options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=True),
+          item_handlers={"state": ocp.StandardCheckpointHandler(),
+                         "meta": ocp.JsonCheckpointHandler()})
+
+    self._managers = {"latest": manager("checkpoints", keep), "best": manager("checkpoints_best", 1)}
 
   def save(self, kind: str, step: int, state, meta: dict) -> None:
     """Saves state and JSON meta at `step` (asynchronously; see `wait`)."""

@@ -62,6 +62,10 @@ def _run(argv) -> None:
 
 
 def main(argv) -> None:
+  # Orbax and grain log every save at INFO; keep the console to our progress bar and reports
+  # unless the user asks for more with --verbosity.
+  if not flags.FLAGS["verbosity"].present:
+    logging.set_verbosity(logging.WARNING)
   _enable_compilation_cache()
   try:
     _run(argv)

@@ -17,7 +17,6 @@ import ml_collections
 import numpy as np
 import optax
 import tqdm
-from absl import logging
 
 from diffmic_jax import checkpointing
 from diffmic_jax import denoiser as denoiser_lib
@@ -148,7 +147,7 @@ def make_train_steps(models, config, guidance_tx, denoiser_tx, lr_schedule, join
                                           labels, logits, key)
     updates, denoiser_opt = denoiser_tx.update(grads, state.denoiser_opt, params)
     params = optax.apply_updates(params, updates)
-    metrics = {"loss": loss, **aux, "grad_norm": optax.global_norm(grads),
+    metrics = {"loss": loss, **aux, "grad_norm": optax.tree.norm(grads),
                "lr": lr_schedule(state.step - joint_start)}
     state = state.replace(step=state.step + 1, denoiser={"params": params, "batch_stats": stats},
                           denoiser_opt=denoiser_opt,
@@ -267,8 +266,8 @@ def _validate_and_keep_best(run, state, meta, epoch, writer):
              f"{split}_{head}_f1_macro": main["f1_macro"]}
   writer.write(json.dumps(summary) + "\n")
   writer.flush()
-  logging.info("epoch %d %s: %s accuracy %.4f, F1 %.4f", epoch, split, head, main["accuracy"],
-               main["f1_macro"])
+  tqdm.tqdm.write(f"epoch {epoch} {split}: {head} accuracy {main['accuracy']:.4f}, "
+                  f"macro F1 {main['f1_macro']:.4f}")
   if main["accuracy"] > meta["best_accuracy"]:
     meta = {**meta, "best_accuracy": main["accuracy"], "best_step": int(state.step)}
     _save(run, "best", state, meta)
@@ -341,7 +340,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   else:
     state, meta = run.checkpointer.restore("latest", latest, _abstract_state(run))
     train_iter.set_state(meta["data_iter"])
-    logging.info("resuming from the checkpoint at step %d (%s)", latest, meta["stage"])
     print(f"Resuming from checkpoint at step {latest} (stage {meta['stage']}).", flush=True)
   state = sharding.replicate(state, run.mesh)
   with open(os.path.join(workdir, "metrics.jsonl"), "a") as writer:

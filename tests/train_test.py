@@ -1,0 +1,121 @@
+"""End to end on the tiny config: train -> checkpoint -> restore -> evaluate, exact resume,
+the EMA switch, and the command line's error handling."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+from diffmic_jax import checkpointing
+from diffmic_jax import evaluate
+from diffmic_jax import train
+
+from tests import conftest
+
+
+class _Interrupt(Exception):
+  pass
+
+
+@pytest.fixture(scope="module")
+def trained(tiny_config, tmp_path_factory):
+  workdir = str(tmp_path_factory.mktemp("run"))
+  results = train.train_and_evaluate(tiny_config(), workdir)
+  return workdir, results
+
+
+def test_train_writes_metrics_checkpoints_and_reports(trained, tiny_config):
+  workdir, results = trained
+  assert set(results) == {"diffusion", "dcg_fused", "dcg_global", "dcg_local"}
+  report = json.load(open(os.path.join(workdir, "eval", "test_metrics.json")))
+  assert report["heads"]["diffusion"]["accuracy"] == results["diffusion"]["accuracy"]
+  assert report["split"] == "test" and report["checkpoint"] == "best"
+  assert os.path.exists(os.path.join(workdir, "eval", "test_confusion.png"))
+  rows = [json.loads(line) for line in open(os.path.join(workdir, "metrics.jsonl"))]
+  assert any("loss" in r for r in rows) and any("val_diffusion_accuracy" in r for r in rows)
+  assert all(np.isfinite(r["loss"]) for r in rows if "loss" in r)
+  steps = checkpointing.Checkpointer(workdir).all_steps()
+  assert max(steps) == 18  # (1 warm-up + 2 joint epochs) x 6 steps
+  # Restoring the best checkpoint reproduces the final test metrics exactly.
+  again = train.evaluate_checkpoint(tiny_config(), workdir, split="test", checkpoint="best")
+  assert again["diffusion"] == results["diffusion"]
+  latest = train.evaluate_checkpoint(tiny_config(), workdir, split="val", checkpoint="18")
+  assert latest["diffusion"]["num_examples"] == 16
+
+
+def test_resume_after_interruption_is_exact(trained, tiny_config, tmp_path, monkeypatch):
+  workdir, results = trained
+  save = train._save
+
+  def save_then_die(run, kind, state, meta):
+    save(run, kind, state, meta)
+    if kind == "latest" and int(state.step) == 8:  # mid joint epoch 1
+      run.checkpointer.wait()
+      raise _Interrupt()
+
+  monkeypatch.setattr(train, "_save", save_then_die)
+  with pytest.raises(_Interrupt):
+    train.train_and_evaluate(tiny_config(), str(tmp_path))
+  monkeypatch.setattr(train, "_save", save)
+  # A save interrupted by a crash leaves a temporary directory that must be ignored.
+  os.makedirs(tmp_path / "checkpoints" / "12.orbax-checkpoint-tmp-1234")
+  resumed = train.train_and_evaluate(tiny_config(), str(tmp_path))
+  assert resumed == results
+
+
+def test_eval_with_ema_uses_the_ema_parameters(trained, tiny_config):
+  workdir, _ = trained
+  run = train._prepare(tiny_config(), workdir)
+  state, _ = run.checkpointer.restore("latest", None, train._abstract_state(run))
+  raw = {"guidance": state.guidance, "denoiser": state.denoiser}
+  with_ema = evaluate.eval_variables(raw, state.ema, True)
+  assert with_ema["denoiser"]["params"] is state.ema
+  assert evaluate.eval_variables(raw, state.ema, False) is raw
+  batches = lambda: train.input_pipeline.eval_batches(run.splits.test, run.config.data,
+                                                      batch_size=8)
+  args = dict(sampler_name="official_truncated", num_steps=5)
+  p_raw = evaluate.predict(run.models, raw, batches(), run.eval_key, run.mesh, **args)
+  p_ema = evaluate.predict(run.models, with_ema, batches(), run.eval_key, run.mesh, **args)
+  assert not np.allclose(p_raw["probs"], p_ema["probs"])
+  np.testing.assert_array_equal(p_raw["fused"], p_ema["fused"])  # the DCG is unchanged
+
+
+def _main(*args, timeout=600):
+  env = {**os.environ, "PYTHONPATH": conftest.REPO}
+  return subprocess.run([sys.executable, "-m", "diffmic_jax.main", *args], cwd=conftest.REPO,
+                        env=env, capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.mark.parametrize("override,field", [
+    ("--config.guidance.backbone=vgg", "guidance.backbone"),
+    ("--config.training.batch_size=0", "training.batch_size"),
+    ("--config.diffusion.sampler=ddim", "official_truncated"),
+])
+def test_bad_config_value_exits_nonzero_naming_the_field(tmp_path, override, field):
+  proc = _main("--config", "configs/test.py", "--workdir", str(tmp_path), override, timeout=120)
+  assert proc.returncode != 0
+  assert field in proc.stderr
+
+
+def test_kill_9_then_rerun_resumes(tmp_path):
+  args = ["--config", "configs/test.py", "--workdir", str(tmp_path)]
+  env = {**os.environ, "PYTHONPATH": conftest.REPO}
+  proc = subprocess.Popen([sys.executable, "-m", "diffmic_jax.main", *args], cwd=conftest.REPO,
+                          env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+  ckpts = tmp_path / "checkpoints"
+  deadline = time.time() + 400
+  while time.time() < deadline and proc.poll() is None:
+    if ckpts.exists() and any(p.name.isdigit() for p in ckpts.iterdir()):
+      break
+    time.sleep(0.2)
+  proc.send_signal(signal.SIGKILL)
+  proc.wait()
+  done = _main(*args)
+  assert done.returncode == 0, done.stderr[-2000:]
+  assert "Resuming from checkpoint at step" in done.stdout
+  assert (tmp_path / "eval" / "test_metrics.json").exists()
