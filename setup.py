@@ -31,7 +31,7 @@ setuptools.setup(
     extras_require={
         "test": ["pytest>=8", "pytest-xdist>=3"],
         "cuda": ["jax[cuda12]>=0.10.2"],
-        # Optional: weight conversion from .pth files (tests skip without it).
-        "torch": ["torch==2.13.0"],
+        # Optional: weight conversion from .pth / .safetensors files (tests skip without them).
+        "torch": ["torch==2.13.0", "safetensors"],
     },
 )

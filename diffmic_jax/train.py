@@ -339,7 +339,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
                                jax.random.PRNGKey(config.seed))
   else:
     state, meta = run.checkpointer.restore("latest", latest, _abstract_state(run))
-    train_iter.set_state(meta["data_iter"])
+    if meta.get("data_iter") is not None:  # None: imported from the official code.
+      train_iter.set_state(meta["data_iter"])
+    meta = {"best_accuracy": -1.0, "best_step": None, **meta, "data_iter": train_iter.get_state()}
     print(f"Resuming from checkpoint at step {latest} (stage {meta['stage']}).", flush=True)
   state = sharding.replicate(state, run.mesh)
   with open(os.path.join(workdir, "metrics.jsonl"), "a") as writer:
