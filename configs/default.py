@@ -110,6 +110,5 @@ def get_config() -> ml_collections.ConfigDict:
   training.checkpoint_every_steps = 1000  # also at the end of every stage.
   training.keep_checkpoints = 3  # latest K kept; the best-on-validation one is kept apart.
   training.log_every_steps = 50
-  training.tensorboard = True  # write TensorBoard event files beside metrics.jsonl if possible.
   training.distributed = False  # call jax.distributed.initialize() (multi-host).
   return config
