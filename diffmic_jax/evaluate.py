@@ -65,11 +65,14 @@ def _softmax(logits):
 
 
 def score(predictions: dict, num_classes: int, with_diffusion: bool = True) -> dict:
-  """Metrics of the diffusion head and of each DCG head: {head: metrics dict}."""
+  """Metrics per head: {'diffusion', 'dcg_fused', 'dcg_global', 'dcg_local'}, or
+  {'classifier'} for the 'basic' ablation (a plain classifier, no diffusion head)."""
   labels = predictions["labels"]
-  results = {}
-  if with_diffusion:
-    results["diffusion"] = metrics.classification_metrics(predictions["probs"], labels, num_classes)
+  if not with_diffusion:
+    return {"classifier": metrics.classification_metrics(predictions["probs"], labels,
+                                                         num_classes)}
+  results = {"diffusion": metrics.classification_metrics(predictions["probs"], labels,
+                                                         num_classes)}
   for head in ("fused", "global", "local"):
     results[f"dcg_{head}"] = metrics.classification_metrics(
         _softmax(predictions[head].astype(np.float64)), labels, num_classes)

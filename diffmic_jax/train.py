@@ -234,6 +234,8 @@ def run_stage(run: _Run, stage: Stage, step_fn, state, train_iter, meta, writer)
   history, pending, iter_state = [], [], meta["data_iter"]
   bar = tqdm.tqdm(total=end - stage.start, initial=first - stage.start, desc=stage.name,
                   unit="step", dynamic_ncols=True, disable=jax.process_index() != 0)
+  # The previous stage's prefetcher read ahead; rewind to the last batch actually consumed.
+  train_iter.set_state(iter_state)
   batches = sharding.prefetch(train_iter, run.mesh, with_state=True)
   for step in range(first, end):
     batch, iter_state = next(batches)
@@ -242,7 +244,9 @@ def run_stage(run: _Run, stage: Stage, step_fn, state, train_iter, meta, writer)
     bar.update(1)
     done = step + 1
     epoch_end = (done - stage.start) % run.steps_per_epoch == 0
-    if done % cfg.log_every_steps == 0 or epoch_end or done == end:
+    save = done % cfg.checkpoint_every_steps == 0 or done == end
+    # Metrics are checked before every save, so a non-finite state is never checkpointed.
+    if done % cfg.log_every_steps == 0 or epoch_end or save:
       _log_interval(history, pending, writer, bar)
       _check_finite(history[-len(pending):], run.workdir)
       pending = []
@@ -251,7 +255,7 @@ def run_stage(run: _Run, stage: Stage, step_fn, state, train_iter, meta, writer)
       epoch = (done - stage.start) // run.steps_per_epoch - 1
       if epoch % cfg.eval_every_epochs == 0 or done == end:
         meta = _validate_and_keep_best(run, state, meta, epoch, writer)
-    if done % cfg.checkpoint_every_steps == 0 or done == end:
+    if save:
       _save(run, "latest", state, meta)
   bar.close()
   return state, meta
