@@ -5,6 +5,9 @@ diffmic_jax/datasets/demo.py), so the DCG's local branch matters. Narrow two-sta
 64×64 images, F=256; the diffusion, losses, samplers and protocol are the official ones.
 
   python -m diffmic_jax.main --config configs/demo.py --workdir runs/demo
+
+Expected (seed 0, 2-core CPU, about 5 minutes): test accuracy of the diffusion head ≈ 0.99,
+DCG fused ≈ 1.0, DCG local ≈ 0.5 (the crops alone see the shape, not the stripes).
 """
 
 from configs import default
@@ -35,8 +38,8 @@ def get_config():
   config.optim.warmup_epochs = 2
   config.training.batch_size = 32
   config.training.eval_batch_size = 64
-  config.training.num_epochs = 16
-  config.training.eval_every_epochs = 4
+  config.training.num_epochs = 40
+  config.training.eval_every_epochs = 8
   config.training.checkpoint_every_steps = 50
   config.training.log_every_steps = 10
   return config
