@@ -306,6 +306,10 @@ def _validate_config(config):
   if t.select_best_on not in ("val", "test"):
     raise ValueError(f"config.training.select_best_on={t.select_best_on!r}; choose from "
                      "['test', 'val']")
+  if config.ablation != "basic" and config.optim.warmup_epochs >= t.num_epochs:
+    raise ValueError(f"config.optim.warmup_epochs={config.optim.warmup_epochs} must be smaller "
+                     f"than config.training.num_epochs={t.num_epochs} (the LR would never leave "
+                     "its linear warm-up)")
   if config.guidance.pretrain_epochs < 0:
     raise ValueError("config.guidance.pretrain_epochs must be >= 0")
   d = config.diffusion

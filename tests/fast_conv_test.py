@@ -1,0 +1,196 @@
+"""fast_conv.conv2d must equal lax.conv_general_dilated, values and gradients."""
+
+import jax
+from jax import lax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from diffmic_jax import fast_conv
+
+# (name, input [B, H, W, Ci], kernel [kh, kw, Ci, Co], strides, padding): the
+# conv kinds of a torchvision ResNet-18/50, at tiny sizes, plus odd sizes
+# where a stride does not divide the padded input and asymmetric padding.
+_CASES = [
+    ("stem_7x7_s2_p3", (2, 12, 12, 3), (7, 7, 3, 8), (2, 2), ((3, 3), (3, 3))),
+    ("3x3_s1_p1", (2, 6, 6, 8), (3, 3, 8, 8), (1, 1), ((1, 1), (1, 1))),
+    ("3x3_s2_p1", (2, 7, 7, 4), (3, 3, 4, 8), (2, 2), ((1, 1), (1, 1))),
+    ("1x1_s1", (2, 5, 5, 8), (1, 1, 8, 16), (1, 1), ((0, 0), (0, 0))),
+    ("1x1_s2", (2, 7, 7, 8), (1, 1, 8, 16), (2, 2), ((0, 0), (0, 0))),
+    ("3x3_s2_rect_asym", (3, 9, 6, 5), (3, 2, 5, 4), (2, 1), ((0, 2), (1, 0))),
+]
+_IDS = [c[0] for c in _CASES]
+
+_DN = ("NHWC", "HWIO", "NHWC")
+
+
+def _ref_conv(x, kernel, strides, padding):
+  return lax.conv_general_dilated(x, kernel, strides, padding,
+                                  dimension_numbers=_DN,
+                                  precision=lax.Precision.HIGHEST)
+
+
+def _inputs(x_shape, k_shape, dtype, seed=0):
+  kx, kk, kd = jax.random.split(jax.random.PRNGKey(seed), 3)
+  x = jax.random.normal(kx, x_shape, jnp.float32)
+  w = jax.random.normal(kk, k_shape, jnp.float32) / np.sqrt(
+      k_shape[0] * k_shape[1] * k_shape[2])
+  return x.astype(dtype), w.astype(dtype), kd
+
+
+def _value_and_grads(conv_fn, x, w, dy):
+  y, vjp = jax.vjp(conv_fn, x, w)
+  dx, dw = vjp(dy)
+  return y, dx, dw
+
+
+def _assert_close(got, want, rtol, atol):
+  np.testing.assert_allclose(np.asarray(got, np.float32),
+                             np.asarray(want, np.float32), rtol=rtol,
+                             atol=atol)
+
+
+@pytest.mark.parametrize("impl", ["im2col", "auto"])
+@pytest.mark.parametrize("name,x_shape,k_shape,strides,padding", _CASES,
+                         ids=_IDS)
+def test_matches_lax_float32(name, x_shape, k_shape, strides, padding, impl):
+  del name
+  x, w, kd = _inputs(x_shape, k_shape, jnp.float32)
+  y_ref = _ref_conv(x, w, strides, padding)
+  dy = jax.random.normal(kd, y_ref.shape)
+
+  fn = jax.jit(lambda a, b: _value_and_grads(
+      lambda x_, w_: fast_conv.conv2d(x_, w_, strides, padding, impl=impl),
+      a, b, dy))
+  y, dx, dw = fn(x, w)
+  y_r, dx_r, dw_r = jax.jit(lambda a, b: _value_and_grads(
+      lambda x_, w_: _ref_conv(x_, w_, strides, padding), a, b, dy))(x, w)
+
+  assert y.shape == y_r.shape and y.dtype == jnp.float32
+  assert dx.shape == x.shape and dw.shape == w.shape
+  assert dw.dtype == jnp.float32
+  _assert_close(y, y_r, 1e-5, 1e-5)
+  _assert_close(dx, dx_r, 1e-5, 1e-5)
+  _assert_close(dw, dw_r, 1e-5, 1e-4)
+
+
+@pytest.mark.parametrize("name,x_shape,k_shape,strides,padding", _CASES,
+                         ids=_IDS)
+def test_matches_lax_bfloat16(name, x_shape, k_shape, strides, padding):
+  """bf16 activations, f32 params cast to bf16 inside (mixed precision)."""
+  del name
+  x, w32, kd = _inputs(x_shape, k_shape, jnp.float32)
+  xb = x.astype(jnp.bfloat16)
+  y_shape = _ref_conv(x, w32, strides, padding).shape
+  dy = jax.random.normal(kd, y_shape).astype(jnp.bfloat16)
+
+  def grads(impl):
+    def f(x_, w_):
+      y = fast_conv.conv2d(x_, w_.astype(jnp.bfloat16), strides, padding,
+                           impl=impl)
+      return jnp.sum(y.astype(jnp.float32) * dy.astype(jnp.float32)), y
+    (_, y), g = jax.value_and_grad(f, argnums=(0, 1), has_aux=True)(xb, w32)
+    return y, g
+
+  y, (dx, dw) = jax.jit(lambda: grads("im2col"))()
+  assert y.dtype == jnp.bfloat16
+  assert dx.dtype == jnp.bfloat16 and dw.dtype == jnp.float32
+
+  # Reference: the same maths in float32 on the bf16-rounded operands.
+  xr = xb.astype(jnp.float32)
+  wr = w32.astype(jnp.bfloat16).astype(jnp.float32)
+  y_r, dx_r, dw_r = _value_and_grads(
+      lambda x_, w_: _ref_conv(x_, w_, strides, padding), xr, wr,
+      dy.astype(jnp.float32))
+  scale = lambda a: float(jnp.max(jnp.abs(a)))
+  _assert_close(y, y_r, 2e-2, 2e-2 * scale(y_r))
+  _assert_close(dx, dx_r, 2e-2, 2e-2 * scale(dx_r))
+  # d_kernel is accumulated in float32, so it is as close as the inputs allow.
+  _assert_close(dw, dw_r, 1e-2, 1e-2 * scale(dw_r))
+
+  # And the XLA path gives the same within bf16 rounding.
+  y_x, (dx_x, dw_x) = jax.jit(lambda: grads("xla"))()
+  _assert_close(y, y_x, 0, 0)
+  _assert_close(dx, dx_x, 0, 0)
+  _assert_close(dw, dw_x, 2e-2, 2e-2 * scale(dw_r))
+
+
+@pytest.mark.parametrize("name,x_shape,k_shape,strides,padding",
+                         [_CASES[0], _CASES[2], _CASES[4]],
+                         ids=[_IDS[0], _IDS[2], _IDS[4]])
+def test_vmap_of_grad(name, x_shape, k_shape, strides, padding):
+  """Per-example gradients: vmap over grad, both x and the kernel batched."""
+  del name
+  n = 3
+  x, w, _ = _inputs((n,) + x_shape, k_shape, jnp.float32)
+  ws = jnp.stack([w * (i + 1.0) for i in range(n)])
+
+  def loss(conv):
+    return lambda x_, w_: jnp.sum(jnp.tanh(conv(x_, w_, strides, padding)))
+
+  ours = lambda x_, w_, s, p: fast_conv.conv2d(x_, w_, s, p, impl="im2col")
+  got = jax.jit(jax.vmap(jax.grad(loss(ours), argnums=(0, 1))))(x, ws)
+  want = jax.jit(jax.vmap(jax.grad(loss(_ref_conv), argnums=(0, 1))))(x, ws)
+  for g, r in zip(got, want):
+    _assert_close(g, r, 1e-5, 1e-4)
+
+  # vmap of the forward with the kernel shared (in_axes=None).
+  y = jax.vmap(lambda a: ours(a, w, strides, padding))(x)
+  _assert_close(y, jax.vmap(lambda a: _ref_conv(a, w, strides, padding))(x),
+                1e-5, 1e-5)
+
+
+def test_second_order_grad_and_grad_of_jit():
+  """jvp-of-vjp (e.g. a gradient penalty) is unsupported by custom_vjp, but
+  grad of a jitted conv and reverse-over-reverse are."""
+  x, w, _ = _inputs((2, 6, 6, 4), (3, 3, 4, 4), jnp.float32)
+  pad = ((1, 1), (1, 1))
+  conv = jax.jit(lambda a, b: fast_conv.conv2d(a, b, (1, 1), pad, "im2col"))
+  g = jax.grad(lambda b: jnp.sum(conv(x, b) ** 2))(w)
+  g_r = jax.grad(lambda b: jnp.sum(_ref_conv(x, b, (1, 1), pad) ** 2))(w)
+  _assert_close(g, g_r, 1e-5, 1e-4)
+
+  hv = jax.grad(lambda b: jnp.sum(jax.grad(
+      lambda b_: jnp.sum(conv(x, b_) ** 2))(b)))(w)
+  hv_r = jax.grad(lambda b: jnp.sum(jax.grad(
+      lambda b_: jnp.sum(_ref_conv(x, b_, (1, 1), pad) ** 2))(b)))(w)
+  _assert_close(hv, hv_r, 1e-4, 1e-3)
+
+
+def test_auto_resolves_by_backend():
+  on_cpu = jax.default_backend() == "cpu"
+  assert fast_conv.resolve_impl("auto") == ("im2col" if on_cpu else "xla")
+  assert fast_conv.resolve_impl("xla") == "xla"
+  assert fast_conv.resolve_impl("im2col") == "im2col"
+  # Per layer shape on CPU: 1x1 kernels take the matmul backward, larger
+  # kernels keep XLA's.
+  per_shape = {
+      ((1, 1, 256, 512), (2, 2)): "im2col",
+      ((1, 1, 64, 256), (1, 1)): "im2col",
+      ((3, 3, 64, 64), (1, 1)): "xla",
+      ((7, 7, 3, 64), (2, 2)): "xla",
+      ((3, 3, 64, 128), (2, 2)): "xla",
+      ((3, 3, 512, 512), (1, 1)): "xla",
+  }
+  for (k_shape, strides), want in per_shape.items():
+    got = fast_conv.resolve_impl("auto", k_shape, strides)
+    assert got == (want if on_cpu else "xla"), (k_shape, strides)
+  with pytest.raises(ValueError):
+    fast_conv.resolve_impl("cudnn")
+  with pytest.raises(ValueError):
+    fast_conv.conv2d(jnp.ones((1, 4, 4, 1)), jnp.ones((1, 1, 1, 1)),
+                     padding=((-1, 0), (0, 0)))
+
+
+def test_auto_matches_reference_with_lists():
+  """Strides/padding given as lists (as configs deliver them) also work."""
+  x, w, _ = _inputs((2, 8, 8, 3), (3, 3, 3, 4), jnp.float32)
+  y = fast_conv.conv2d(x, w, [2, 2], [[1, 1], [1, 1]])
+  _assert_close(y, _ref_conv(x, w, (2, 2), ((1, 1), (1, 1))), 1e-5, 1e-5)
+
+
+def test_conv_flops():
+  assert fast_conv.conv_flops((32, 56, 56, 64), (3, 3, 64, 64), (1, 1),
+                              ((1, 1), (1, 1))) == 2 * 32 * 56 * 56 * 9 * 64 * 64
+  assert fast_conv.conv_flops((1, 224, 224, 3), (7, 7, 3, 64), (2, 2),
+                              ((3, 3), (3, 3))) == 2 * 112 * 112 * 49 * 3 * 64
