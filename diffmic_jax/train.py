@@ -306,10 +306,6 @@ def _validate_config(config):
   if t.select_best_on not in ("val", "test"):
     raise ValueError(f"config.training.select_best_on={t.select_best_on!r}; choose from "
                      "['test', 'val']")
-  if config.ablation != "basic" and config.optim.warmup_epochs >= t.num_epochs:
-    raise ValueError(f"config.optim.warmup_epochs={config.optim.warmup_epochs} must be smaller "
-                     f"than config.training.num_epochs={t.num_epochs} (the LR would never leave "
-                     "its linear warm-up)")
   if config.guidance.pretrain_epochs < 0:
     raise ValueError("config.guidance.pretrain_epochs must be >= 0")
   d = config.diffusion
@@ -330,6 +326,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   Returns:
     the test metrics {head: metrics}.
   """
+  if config.ablation != "basic" and config.optim.warmup_epochs >= config.training.num_epochs:
+    raise ValueError(f"config.optim.warmup_epochs={config.optim.warmup_epochs} must be smaller "
+                     f"than config.training.num_epochs={config.training.num_epochs} (the LR "
+                     "would never leave its linear warm-up)")
   run = _prepare(config, workdir)
   guidance_tx, denoiser_tx, schedule = build_optimizers(config, run.steps_per_epoch)
   plan = stage_plan(run.models, config, run.steps_per_epoch)
