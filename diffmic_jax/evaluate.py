@@ -5,6 +5,7 @@ whole split. The DCG heads (fused, global, local) are scored beside the diffusio
 see what the diffusion adds.
 """
 
+import csv
 import functools
 import os
 
@@ -91,3 +92,22 @@ def write_report(results: dict, class_names, workdir: str, split: str, extra: di
                                os.path.join(out_dir, f"{split}_confusion.png"),
                                f"{split}: {head} (accuracy {main['accuracy']:.3f})")
   return metrics.format_table(results, class_names)
+
+
+def write_predictions(predictions: dict, ids, class_names, workdir: str, split: str) -> None:
+  """Writes DIR/eval/<split>_predictions.csv: one row per example, in split order."""
+  if jax.process_index() != 0:
+    return
+  labels = predictions["labels"]
+  ids = list(ids) if ids is not None else [str(i) for i in range(len(labels))]
+  probs = predictions["probs"]
+  fused = predictions["fused"].argmax(axis=1)
+  path = os.path.join(workdir, "eval", f"{split}_predictions.csv")
+  with open(path + ".tmp", "w", newline="") as f:
+    writer = csv.writer(f)
+    writer.writerow(["id", "label", "prediction", "dcg_fused_prediction"]
+                    + [f"p_{name}" for name in class_names])
+    for i, label in enumerate(labels):
+      writer.writerow([ids[i], int(label), int(probs[i].argmax()), int(fused[i])]
+                      + [f"{p:.6f}" for p in probs[i]])
+  os.replace(path + ".tmp", path)

@@ -65,7 +65,8 @@ def sample(models: models_lib.Models, variables, images, key, *, timesteps, num_
 
   Returns:
     {'y0': [B, S, C] ŷ₀ of every sample, 'probs': [B, C] mean over samples of softmax(ŷ₀),
-     'prediction': [B] argmax of 'probs' (= argmax ŷ₀ for S = 1), 'guidance_logits':
+     'prediction': [B] argmax of 'probs' (= argmax ŷ₀ for S = 1), 'entropy': [B] predictive
+     entropy of 'probs' (an uncertainty score), 'guidance_logits':
      {'fused','global','local'} [B, C]}. Without a denoiser (ablation 'basic') 'y0' holds the
      classifier logits.
   """
@@ -86,8 +87,9 @@ def sample(models: models_lib.Models, variables, images, key, *, timesteps, num_
                               timesteps=timesteps)
     y0 = jnp.moveaxis(jax.vmap(chain)(jax.random.split(key, num_samples)), 0, 1)
   probs = jnp.mean(jax.nn.softmax(y0, axis=-1), axis=1)
+  entropy = -jnp.sum(probs * jnp.log(jnp.clip(probs, 1e-12, 1.0)), axis=-1)
   return {"y0": y0, "probs": probs, "prediction": jnp.argmax(probs, axis=-1),
-          "guidance_logits": logits}
+          "entropy": entropy, "guidance_logits": logits}
 
 
 def make_sample_fn(models, sampler: str, num_steps: int, num_samples: int = 1):

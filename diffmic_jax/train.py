@@ -313,11 +313,55 @@ def _validate_config(config):
   diffusion.timestep_sequence(d.val_sampler, d.timesteps, min(d.val_timesteps, d.timesteps))
 
 
-def _abstract_state(run: _Run):
-  guidance_tx, denoiser_tx, _ = build_optimizers(run.config, run.steps_per_epoch)
-  return jax.eval_shape(lambda k: create_train_state(run.models, run.config, guidance_tx,
-                                                     denoiser_tx, k, load_pretrained=False),
+def abstract_train_state(models, config) -> TrainState:
+  """The TrainState structure (jax.ShapeDtypeStruct leaves) that checkpoints must match."""
+  # The optimiser-state structure does not depend on the schedule's steps per epoch.
+  guidance_tx, denoiser_tx, _ = build_optimizers(config, steps_per_epoch=1)
+  return jax.eval_shape(lambda k: create_train_state(models, config, guidance_tx, denoiser_tx, k,
+                                                     load_pretrained=False),
                         jax.random.PRNGKey(0))
+
+
+def _abstract_state(run: _Run):
+  return abstract_train_state(run.models, run.config)
+
+
+def _inference_variables(state: TrainState, use_ema: bool) -> dict:
+  variables = {"guidance": state.guidance}
+  if state.denoiser:
+    variables = evaluate.eval_variables({**variables, "denoiser": state.denoiser}, state.ema,
+                                        use_ema)
+  return variables
+
+
+def load_variables(config, workdir: str, checkpoint: str = "best"):
+  """Restores a checkpoint for use outside the training loop (no dataset needed).
+
+  Args:
+    config: the config the checkpoint was trained with.
+    workdir: the training workdir.
+    checkpoint: 'best', 'latest' or a step number.
+
+  Returns:
+    (models bundle, variables {'guidance', 'denoiser'}) ready for `sampler.sample`; the
+    denoiser's parameters are its EMA when config.optim.eval_with_ema is set.
+  """
+  models = models_lib.create_models(config)
+  kind, step = _checkpoint_kind(checkpoint)
+  checkpointer = checkpointing.Checkpointer(workdir, config.training.keep_checkpoints)
+  try:
+    state, _ = checkpointer.restore(kind, step, abstract_train_state(models, config))
+  finally:
+    checkpointer.close()
+  return models, _inference_variables(state, config.optim.eval_with_ema)
+
+
+def _checkpoint_kind(checkpoint):
+  if checkpoint in checkpointing.KINDS:
+    return checkpoint, None
+  if str(checkpoint).isdigit():
+    return "latest", int(checkpoint)
+  raise ValueError(f"--checkpoint={checkpoint!r}; use 'best', 'latest' or a step number")
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
@@ -368,26 +412,19 @@ def evaluate_checkpoint(config, workdir: str, split: str = "test", checkpoint: s
                         run: _Run | None = None) -> dict:
   """`--mode eval`: restores 'best', 'latest' or a step number and scores one split."""
   run = run or _prepare(config, workdir)
-  if checkpoint in checkpointing.KINDS:
-    kind, step = checkpoint, None
-  elif str(checkpoint).isdigit():
-    kind, step = "latest", int(checkpoint)
-  else:
-    raise ValueError(f"--checkpoint={checkpoint!r}; use 'best', 'latest' or a step number")
-  state, meta = run.checkpointer.restore(kind, step, _abstract_state(run))
+  kind, step = _checkpoint_kind(checkpoint)
+  state, _ = run.checkpointer.restore(kind, step, _abstract_state(run))
   state = sharding.replicate(state, run.mesh)
   d = run.config.diffusion
   if split not in ("train", "val", "test"):
     raise ValueError(f"--split={split!r}; choose from ['test', 'train', 'val']")
   batch = sharding.check_batch_size(config.training.eval_batch_size, run.mesh,
                                     "training.eval_batch_size")
-  batches = input_pipeline.eval_batches(getattr(run.splits, split), config.data, batch_size=batch,
+  source = getattr(run.splits, split)
+  batches = input_pipeline.eval_batches(source, config.data, batch_size=batch,
                                         shard_index=jax.process_index(),
                                         num_shards=jax.process_count())
-  variables = {"guidance": state.guidance}
-  if state.denoiser:
-    variables = evaluate.eval_variables({**variables, "denoiser": state.denoiser}, state.ema,
-                                        config.optim.eval_with_ema)
+  variables = _inference_variables(state, config.optim.eval_with_ema)
   start = time.time()
   predictions = evaluate.predict(run.models, variables, batches, run.eval_key, run.mesh,
                                  sampler_name=d.sampler, num_steps=d.test_timesteps,
@@ -397,6 +434,8 @@ def evaluate_checkpoint(config, workdir: str, split: str = "test", checkpoint: s
            "sampler": d.sampler, "steps": d.test_timesteps, "num_samples": d.num_samples,
            "eval_with_ema": bool(config.optim.eval_with_ema), "seconds": time.time() - start}
   table = evaluate.write_report(results, run.splits.class_names, workdir, split, extra)
+  evaluate.write_predictions(predictions, getattr(source, "ids", None), run.splits.class_names,
+                             workdir, split)
   print(f"\n{split} metrics (checkpoint {kind} at step {int(state.step)}, sampler {d.sampler}, "
         f"{d.test_timesteps} steps):\n{table}\n", flush=True)
   return results

@@ -8,11 +8,13 @@ import subprocess
 import sys
 import time
 
+import jax
 import numpy as np
 import pytest
 
 from diffmic_jax import checkpointing
 from diffmic_jax import evaluate
+from diffmic_jax import sampler
 from diffmic_jax import train
 
 from tests import conftest
@@ -44,6 +46,9 @@ def test_train_writes_metrics_checkpoints_and_reports(trained, tiny_config):
   # Restoring the best checkpoint reproduces the final test metrics exactly.
   again = train.evaluate_checkpoint(tiny_config(), workdir, split="test", checkpoint="best")
   assert again["diffusion"] == results["diffusion"]
+  rows = open(os.path.join(workdir, "eval", "test_predictions.csv")).read().splitlines()
+  assert len(rows) == 1 + results["diffusion"]["num_examples"]
+  assert rows[0].startswith("id,label,prediction,dcg_fused_prediction,p_")
   latest = train.evaluate_checkpoint(tiny_config(), workdir, split="val", checkpoint="18")
   split = json.load(open(os.path.join(workdir, "split.json")))
   assert latest["diffusion"]["num_examples"] == len(split["val"])
@@ -73,6 +78,16 @@ def test_resume_after_interruption_is_exact(trained, tiny_config, tmp_path, monk
   assert resumed == results
 
 
+def test_load_variables_for_the_library_sampler(trained, tiny_config):
+  workdir, _ = trained
+  bundle, variables = train.load_variables(tiny_config(), workdir, checkpoint="best")
+  out = sampler.make_sample_fn(bundle, "official_truncated", 5)(
+      variables, np.zeros((2, 32, 32, 3), np.float32), jax.random.PRNGKey(0))
+  assert out["probs"].shape == (2, 4) and out["entropy"].shape == (2,)
+  with pytest.raises(FileNotFoundError, match="no latest checkpoint at step 7"):
+    train.load_variables(tiny_config(), workdir, checkpoint="7")
+
+
 def test_eval_with_ema_uses_the_ema_parameters(trained, tiny_config):
   workdir, _ = trained
   run = train._prepare(tiny_config(), workdir)
@@ -100,6 +115,7 @@ def _main(*args, timeout=600):
     ("--config.guidance.backbone=vgg", "guidance.backbone"),
     ("--config.training.batch_size=0", "training.batch_size"),
     ("--config.diffusion.sampler=ddim", "official_truncated"),
+    ("--config.training.num_epochs=1", "optim.warmup_epochs"),
 ])
 def test_bad_config_value_exits_nonzero_naming_the_field(tmp_path, override, field):
   proc = _main("--config", "configs/test.py", "--workdir", str(tmp_path), override, timeout=120)
