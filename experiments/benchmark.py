@@ -1,0 +1,373 @@
+"""Speed of DiffMIC-JAX: training stages and samplers, after compilation.
+
+Measures, for freshly initialised variables and random inputs (weights do not change timing):
+  * inference: images/s and seconds per image of `sampler.make_sample_fn` for each
+    `--samplers` entry (name:steps), at each `--batch-size`;
+  * training: images/s of the DCG warm-up step and of the joint step
+    (`train.make_train_steps` compiled by `train.jit_step`, state donated);
+  * compile time of every function (lower + XLA compile), reported apart from the steady state;
+  * achieved FLOP/s (XLA cost analysis, `summary.flops_per_image` for the sampler's parts)
+    against this machine's measured float32 matmul peak, and the ratio to that FLOP floor;
+  * peak memory: on CPU the process's peak RSS (`ru_maxrss`, process-wide, so it only grows
+    from row to row) and XLA's own buffer estimate for the executable; on GPU/TPU the device's
+    `peak_bytes_in_use`.
+The same script runs on CPU and GPU unchanged.
+
+Usage (the default config is the paper's HAM10000 setting: 224 px, ResNet-50 DCG trunks,
+ResNet-18 ρ(x), F=6144, T=1000, C=7):
+
+  # headline: paper configuration, inference, 100 truncated steps, batch 32
+  python experiments/benchmark.py --only inference --samplers official_truncated:100
+  # every sampler the README reports, and both training stages
+  python experiments/benchmark.py --repeats 2 \
+      --samplers official_truncated:60,official_truncated:100,official_truncated:250,respaced:10
+  python experiments/benchmark.py --only training --repeats 2
+  # the small CPU configuration (the demo: 64 px, narrow 2-stage ResNet-18s, F=256, T=100)
+  python experiments/benchmark.py --config configs/demo.py --samplers official_truncated:100,full:0
+  # overrides and JSON output
+  python experiments/benchmark.py --config.model.dtype=bfloat16 --json /tmp/bench.json
+
+`--samplers` entries are NAME:STEPS with NAME one of official_truncated | full | respaced
+(STEPS is ignored by 'full', which always runs T steps). Rows are measured in the order
+inference (by batch size) then training, so the process-wide peak RSS of a row also covers
+every row before it.
+"""
+
+import os
+import resource
+import statistics
+import sys
+import time
+
+from absl import app
+from absl import flags
+from ml_collections import config_flags
+
+# Lets `python experiments/benchmark.py` import configs/ and diffmic_jax from the repo root.
+_REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if _REPO not in sys.path:
+  sys.path.insert(0, _REPO)
+
+# pylint: disable=g-import-not-at-top,wrong-import-position
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from diffmic_jax import diffusion
+from diffmic_jax import fast_conv
+from diffmic_jax import models as models_lib
+from diffmic_jax import sampler
+from diffmic_jax import sharding
+from diffmic_jax import summary
+from diffmic_jax import train
+# pylint: enable=g-import-not-at-top,wrong-import-position
+
+_CONFIG = config_flags.DEFINE_config_file(
+    "config", os.path.join(_REPO, "configs", "ham10000.py"),
+    "Experiment config (default: the paper's HAM10000 configuration).", lock_config=True)
+_BATCH = flags.DEFINE_list("batch-size", ["32"], "Global batch size(s) for inference and "
+                           "training, comma separated (e.g. 32,1).")
+_TRAIN_BATCH = flags.DEFINE_list("train-batch-size", None,
+                                 "Batch size(s) for training; default: --batch-size.")
+_ONLY = flags.DEFINE_enum("only", None, ["inference", "training"], "Measure only this part.")
+_SAMPLERS = flags.DEFINE_list(
+    "samplers", ["official_truncated:60", "official_truncated:100", "official_truncated:250",
+                 "respaced:10"],
+    "Samplers to time, NAME:STEPS (add full:0 for the whole T-step chain).")
+_STAGES = flags.DEFINE_list("stages", ["warmup", "joint"], "Training stages to time.")
+_REPEATS = flags.DEFINE_integer("repeats", 3, "Timed calls per measurement after the first.")
+_JSON = flags.DEFINE_string("json", None, "Write the results as JSON to this path.")
+_MATMUL_SIZE = flags.DEFINE_integer("matmul-size", 4096, "Side of the peak-matmul probe.")
+_MATMUL_REPEATS = flags.DEFINE_integer("matmul-repeats", 6, "Best of N for the matmul probe.")
+_TUNE_MALLOC = flags.DEFINE_bool("tune-malloc", True,
+                                 "CPU: keep glibc from unmapping XLA's big buffers after every "
+                                 "call (fast_conv.tune_cpu_malloc).")
+_FLOPS = flags.DEFINE_bool("flops", True, "Count FLOPs with XLA's cost analysis.")
+
+# Official PyTorch images/s on this kind of 2-core CPU (shared/spec/PERF_ANCHOR.md), paper
+# configuration. Keys: ('inference', sampler, steps, batch) or ('training', stage, batch).
+OFFICIAL = {
+    ("inference", "official_truncated", 60, 32): 0.302,
+    ("inference", "official_truncated", 100, 32): 0.181,
+    ("inference", "official_truncated", 250, 32): 0.078,
+    ("inference", "official_truncated", 60, 1): 0.226,
+    ("inference", "official_truncated", 100, 1): 0.132,
+    ("inference", "official_truncated", 250, 1): 0.055,
+    ("training", "warmup", 32): 2.48,
+    ("training", "joint", 32): 0.857,
+    ("training", "joint", 64): 0.627,
+}
+
+
+def _is_paper_config(config) -> bool:
+  return (config.data.image_size == 224 and config.model.feature_dim == 6144
+          and config.guidance.backbone == "resnet50" and not tuple(config.guidance.stage_sizes)
+          and not tuple(config.model.encoder_stage_sizes) and config.guidance.width == 64
+          and config.model.encoder_width == 64 and config.diffusion.timesteps == 1000
+          and config.ablation == "full" and config.model.dtype == "float32")
+
+
+def _device_name() -> str:
+  d = jax.devices()[0]
+  kind = getattr(d, "device_kind", d.platform)
+  return f"{jax.device_count()}x {d.platform}:{kind} ({jax.process_count()} process(es))"
+
+
+def peak_memory_bytes() -> int:
+  """Peak memory so far: device peak_bytes_in_use on accelerators, process peak RSS on CPU."""
+  device = jax.devices()[0]
+  if device.platform != "cpu":
+    stats = device.memory_stats() or {}
+    if "peak_bytes_in_use" in stats:
+      return int(stats["peak_bytes_in_use"])
+  return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux: KiB.
+
+
+def _xla_memory_bytes(compiled) -> int | None:
+  """XLA's estimate of one call's buffers (arguments + outputs + temporaries, minus aliasing)."""
+  try:
+    m = compiled.memory_analysis()
+  except (NotImplementedError, AttributeError, RuntimeError):
+    return None
+  if m is None:
+    return None
+  return int(m.argument_size_in_bytes + m.output_size_in_bytes + m.temp_size_in_bytes
+             - m.alias_size_in_bytes)
+
+
+def matmul_peak_gflops(n: int, repeats: int) -> float:
+  """Best-of-N float32 n×n matmul rate: the machine's practical FLOP ceiling."""
+  a = jax.random.normal(jax.random.PRNGKey(0), (n, n), jnp.float32)
+  b = jax.random.normal(jax.random.PRNGKey(1), (n, n), jnp.float32)
+  f = jax.jit(jnp.matmul)
+  jax.block_until_ready(f(a, b))
+  best = float("inf")
+  for _ in range(repeats):
+    start = time.perf_counter()
+    jax.block_until_ready(f(a, b))
+    best = min(best, time.perf_counter() - start)
+  return 2 * n**3 / best / 1e9
+
+
+def _time_calls(call, repeats: int) -> list[float]:
+  times = []
+  for _ in range(repeats):
+    start = time.perf_counter()
+    call()
+    times.append(time.perf_counter() - start)
+  return times
+
+
+def _random_batch(key, batch: int, size: int, num_classes: int, mesh) -> dict:
+  k_img, k_lab = jax.random.split(key)
+  host = {"image": np.asarray(jax.random.normal(k_img, (batch, size, size, 3), jnp.float32)),
+          "label": np.asarray(jax.random.randint(k_lab, (batch,), 0, num_classes), np.int32)}
+  return sharding.put_batch(host, mesh)
+
+
+def _parse_samplers(entries, num_timesteps):
+  out = []
+  for entry in entries:
+    name, _, steps = entry.partition(":")
+    steps = num_timesteps if name == "full" else int(steps or 0)
+    diffusion.timestep_sequence(name, num_timesteps, steps)  # validates
+    out.append((name, steps))
+  return out
+
+
+def sampler_flops_per_image(parts: dict, name: str, steps: int, num_timesteps: int) -> float:
+  """Guidance + ρ(x) once, then one denoiser evaluation per visited timestep."""
+  calls = len(diffusion.timestep_sequence(name, num_timesteps, steps))
+  return parts["guidance_forward"] + parts.get("rho_x", 0.0) + calls * parts.get("denoiser_step",
+                                                                                 0.0)
+
+
+def benchmark_inference(models, variables, mesh, samplers, batches, repeats, flop_parts,
+                        num_timesteps, image_size):
+  """One row per (sampler, batch): compile time, then median/best of `repeats` calls."""
+  rows = []
+  key = jax.random.PRNGKey(1)
+  for batch in batches:
+    images = _random_batch(jax.random.fold_in(key, batch), batch, image_size,
+                           models.num_classes, mesh)["image"]
+    for name, steps in samplers:
+      fn = sampler.make_sample_fn(models, name, steps)
+      start = time.perf_counter()
+      compiled = fn.lower(variables, images, key).compile()
+      compile_s = time.perf_counter() - start
+      call = lambda: jax.block_until_ready(compiled(variables, images, key))  # pylint: disable=cell-var-from-loop
+      first = _time_calls(call, 1)[0]
+      times = _time_calls(call, repeats)
+      median, best = statistics.median(times), min(times)
+      row = {"sampler": name, "steps": steps, "batch": batch,
+             "images_per_s": batch / median, "seconds_per_image": median / batch,
+             "best_images_per_s": batch / best, "seconds_per_batch": median,
+             "first_call_s": first, "compile_s": compile_s, "times_s": times,
+             "peak_memory_bytes": peak_memory_bytes(), "xla_memory_bytes": _xla_memory_bytes(compiled)}
+      if flop_parts:
+        row["gflop_per_image"] = sampler_flops_per_image(flop_parts, name, steps,
+                                                         num_timesteps) / 1e9
+      rows.append(row)
+      _print_progress("inference", row)
+      del compiled
+  return rows
+
+
+def benchmark_training(models, config, mesh, stages, batches, repeats, want_flops):
+  """One row per (stage, batch): the jitted, donating step of `train.make_train_steps`."""
+  rows = []
+  guidance_tx, denoiser_tx, schedule = train.build_optimizers(config, steps_per_epoch=100)
+  steps = train.make_train_steps(models, config, guidance_tx, denoiser_tx, schedule,
+                                 joint_start=0)
+  for batch in batches:
+    batch_arrays = _random_batch(jax.random.PRNGKey(batch), batch, config.data.image_size,
+                                 models.num_classes, mesh)
+    for stage in stages:
+      state = train.create_train_state(models, config, guidance_tx, denoiser_tx,
+                                       jax.random.PRNGKey(config.seed), load_pretrained=False)
+      state = sharding.replicate(state, mesh)
+      fn = train.jit_step(steps[stage], mesh)
+      start = time.perf_counter()
+      lowered = fn.lower(state, batch_arrays)
+      compiled = lowered.compile()
+      compile_s = time.perf_counter() - start
+      flops = None
+      if want_flops:
+        flops = float(lowered.cost_analysis()["flops"]) / batch
+
+      holder = [state]
+
+      def call(holder=holder, compiled=compiled):
+        holder[0], metrics = compiled(holder[0], batch_arrays)
+        jax.block_until_ready((holder[0], metrics))
+
+      first = _time_calls(call, 1)[0]
+      times = _time_calls(call, repeats)
+      median, best = statistics.median(times), min(times)
+      row = {"stage": stage, "batch": batch, "images_per_s": batch / median,
+             "seconds_per_step": median, "best_images_per_s": batch / best,
+             "first_call_s": first, "compile_s": compile_s, "times_s": times,
+             "peak_memory_bytes": peak_memory_bytes(),
+             "xla_memory_bytes": _xla_memory_bytes(compiled)}
+      if flops is not None:
+        row["gflop_per_image"] = flops / 1e9
+      rows.append(row)
+      _print_progress("training", row)
+      del holder, state, compiled, lowered
+  return rows
+
+
+def _print_progress(kind, row):
+  what = (f"{row['sampler']}:{row['steps']}" if kind == "inference" else row["stage"])
+  print(f"  [{kind}] {what} batch {row['batch']}: compile {row['compile_s']:.1f} s, "
+        f"first call {row['first_call_s']:.2f} s, times {[round(t, 3) for t in row['times_s']]} "
+        f"-> {row['images_per_s']:.3g} img/s", flush=True)
+
+
+def _fmt(value, spec):
+  return "" if value is None else format(value, spec)
+
+
+def format_table(result: dict, paper: bool) -> str:
+  """A Markdown table of every row."""
+  peak = result["matmul_peak_gflops"]
+  head = ("| what | batch | compile s | s/batch (median) | images/s | s/image | GFLOP/image | "
+          "achieved GFLOP/s | × FLOP floor | peak mem GB | official images/s | speedup |")
+  lines = [head, "|" + "---|" * (head.count("|") - 1)]
+  rows = [("inference", r, f"{r['sampler']} {r['steps']} steps", r["seconds_per_batch"],
+           ("inference", r["sampler"], r["steps"], r["batch"])) for r in result["inference"]]
+  rows += [("training", r, f"{r['stage']} step", r["seconds_per_step"],
+            ("training", r["stage"], r["batch"])) for r in result["training"]]
+  for _, r, what, seconds, key in rows:
+    gflop = r.get("gflop_per_image")
+    achieved = gflop * r["images_per_s"] if gflop else None
+    floor = (1 / r["images_per_s"]) / (gflop / peak) if gflop else None
+    official = OFFICIAL.get(key) if paper else None
+    speedup = r["images_per_s"] / official if official else None
+    lines.append(
+        f"| {what} | {r['batch']} | {r['compile_s']:.1f} | {seconds:.3g} | "
+        f"{r['images_per_s']:.3g} | {1 / r['images_per_s']:.3g} | "
+        f"{_fmt(gflop, '.3g')} | {_fmt(achieved, '.3g')} | {_fmt(floor, '.2f')} | "
+        f"{r['peak_memory_bytes'] / 1e9:.1f} | {_fmt(official, '.3g')} | "
+        f"{_fmt(speedup, '.1f') + '×' if speedup else ''} |")
+  return "\n".join(lines)
+
+
+def run(config, batches, train_batches, only, sampler_entries, stages, repeats,
+        matmul_size=4096, matmul_repeats=6, want_flops=True) -> dict:
+  """Measures everything asked for and returns the JSON-ready result dict."""
+  mesh = sharding.make_mesh()
+  for b in set(batches) | set(train_batches):
+    if b % mesh.size:
+      raise ValueError(f"batch size {b} must be divisible by the {mesh.size} devices")
+  models = models_lib.create_models(config)
+  result = {"device": _device_name(), "config": {
+      "image_size": config.data.image_size, "num_classes": models.num_classes,
+      "guidance_backbone": config.guidance.backbone, "encoder": config.model.encoder,
+      "feature_dim": config.model.feature_dim, "timesteps": models.num_timesteps,
+      "dtype": config.model.dtype, "conv_impl": config.model.conv_impl},
+            "jax_version": jax.__version__, "load_average": os.getloadavg()}
+  print(f"device: {result['device']}; config: {result['config']}", flush=True)
+  result["matmul_peak_gflops"] = matmul_peak_gflops(matmul_size, matmul_repeats)
+  print(f"float32 matmul peak ({matmul_size}²): {result['matmul_peak_gflops']:.1f} GFLOP/s",
+        flush=True)
+  result["compile_s"], result["inference"], result["training"] = {}, [], []
+
+  if only != "training" and models.denoiser is not None:
+    start = time.perf_counter()
+    guidance_tx, denoiser_tx, _ = train.build_optimizers(config, steps_per_epoch=100)
+    init = jax.jit(models_lib.init_variables, static_argnums=(0, 2))
+    variables = init(models, jax.random.PRNGKey(config.seed), config.data.image_size)
+    jax.block_until_ready(variables)
+    result["compile_s"]["init_variables (compile + run)"] = time.perf_counter() - start
+    del guidance_tx, denoiser_tx
+    variables = sharding.replicate(variables, mesh)
+    flop_parts = None
+    if want_flops:
+      start = time.perf_counter()
+      flop_parts = summary.flops_per_image(models, config, variables)
+      result["flops_analysis_s"] = time.perf_counter() - start
+      result["flops_per_image"] = flop_parts
+    samplers = _parse_samplers(sampler_entries, models.num_timesteps)
+    result["inference"] = benchmark_inference(models, variables, mesh, samplers, batches, repeats,
+                                              flop_parts, models.num_timesteps,
+                                              config.data.image_size)
+    del variables
+  if only != "inference":
+    result["training"] = benchmark_training(models, config, mesh, stages, train_batches, repeats,
+                                            want_flops)
+  for r in result["inference"]:
+    result["compile_s"][f"sample {r['sampler']}:{r['steps']} batch {r['batch']}"] = r["compile_s"]
+  for r in result["training"]:
+    result["compile_s"][f"{r['stage']} step batch {r['batch']}"] = r["compile_s"]
+  result["peak_memory_bytes"] = peak_memory_bytes()
+  result["load_average_end"] = os.getloadavg()
+  return result
+
+
+def main(argv):
+  del argv
+  config = _CONFIG.value
+  if _TUNE_MALLOC.value:  # before the first JAX computation; harmless off CPU.
+    fast_conv.tune_cpu_malloc()
+  if config.training.distributed:
+    jax.distributed.initialize()
+  batches = [int(b) for b in _BATCH.value]
+  train_batches = [int(b) for b in (_TRAIN_BATCH.value or _BATCH.value)]
+  result = run(config, batches, train_batches, _ONLY.value, _SAMPLERS.value, _STAGES.value,
+               _REPEATS.value, _MATMUL_SIZE.value, _MATMUL_REPEATS.value, _FLOPS.value)
+  paper = _is_paper_config(config)
+  print(f"\nload average at start {result['load_average']}, at end {result['load_average_end']}")
+  print(f"matmul peak {result['matmul_peak_gflops']:.1f} GFLOP/s; "
+        f"{'paper configuration' if paper else 'not the paper configuration'}; "
+        f"median of {_REPEATS.value} calls after compile + 1 call\n")
+  print(format_table(result, paper), flush=True)
+  if _JSON.value:
+    import json  # pylint: disable=g-import-not-at-top
+    with open(_JSON.value, "w") as f:
+      json.dump(result, f, indent=2, default=float)
+    print(f"\nwrote {_JSON.value}")
+
+
+if __name__ == "__main__":
+  app.run(main)
