@@ -90,11 +90,12 @@ class GatedAttentionMIL(nn.Module):
 
   num_classes: int
   attention_dim: int = 128
+  dtype: Any = jnp.float32
 
   @nn.compact
   def __call__(self, h):
     """h: [B, K, F] crop features -> (logits [B, C], attention α [B, K], sums to 1 over K)."""
-    dense = lambda n, name: layers.TorchDense(n, use_bias=False, name=name)
+    dense = lambda n, name: layers.TorchDense(n, use_bias=False, dtype=self.dtype, name=name)
     gate = nn.sigmoid(dense(self.attention_dim, "U")(h)) * jnp.tanh(dense(self.attention_dim, "V")(h))
     scores = dense(1, "w")(gate)[..., 0]
     alpha = jax.nn.softmax(scores, axis=-1)
@@ -173,8 +174,9 @@ class DCG(nn.Module):
     b, k = crops.shape[:2]
     h_local, _ = resnet.ResNet(dtype=self.dtype, name="local_net", **dict(self.local_backbone))(
         crops.reshape((b * k,) + crops.shape[2:]), train)
-    y_local, alpha = GatedAttentionMIL(self.num_classes, self.attention_dim, name="mil")(
-        h_local.reshape(b, k, -1))
+    y_local, alpha = GatedAttentionMIL(self.num_classes, self.attention_dim, self.dtype,
+                                       name="mil")(h_local.reshape(b, k, -1))
+    y_local, alpha = y_local.astype(jnp.float32), alpha.astype(jnp.float32)
     y_fused = self.fusion_weight * y_global + (1.0 - self.fusion_weight) * y_local
     logits = {"fused": y_fused, "global": y_global, "local": y_local}
     return logits, {"cam": saliency, "roi_positions": positions, "attention": alpha}

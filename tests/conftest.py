@@ -7,10 +7,10 @@ import jax
 import pytest
 from absl import flags
 
-jax.config.update("jax_compilation_cache_dir",
-                  os.environ.get("DIFFMIC_COMPILATION_CACHE",
-                                 os.path.join(os.path.expanduser("~"), ".cache", "diffmic_jax",
-                                              "xla-tests")))
+# Subprocesses (the command-line tests) inherit the variable and share the cache.
+os.environ.setdefault("DIFFMIC_COMPILATION_CACHE",
+                      os.path.join(os.path.expanduser("~"), ".cache", "diffmic_jax", "xla-tests"))
+jax.config.update("jax_compilation_cache_dir", os.environ["DIFFMIC_COMPILATION_CACHE"])
 jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
 jax.config.update("jax_numpy_rank_promotion", "raise")
 flags.FLAGS.mark_as_parsed()
