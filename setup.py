@@ -29,7 +29,7 @@ setuptools.setup(
         "tqdm",
     ],
     extras_require={
-        "test": ["pytest>=8", "pytest-xdist>=3"],
+        "test": ["pytest>=8"],
         "cuda": ["jax[cuda12]>=0.10.2"],
         # Optional: weight conversion from .pth / .safetensors files (tests skip without them).
         "torch": ["torch==2.13.0", "safetensors"],
