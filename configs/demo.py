@@ -6,7 +6,7 @@ diffmic_jax/datasets/demo.py), so the DCG's local branch matters. Narrow two-sta
 
   python -m diffmic_jax.main --config configs/demo.py --workdir runs/demo
 
-Expected (seed 0, 2-core CPU, about 5 minutes): test accuracy of the diffusion head ≈ 0.99,
+Expected (seed 0, 2-core CPU, about 3 minutes): test accuracy of the diffusion head ≈ 0.99,
 DCG fused ≈ 1.0, DCG local ≈ 0.5 (the crops alone see the shape, not the stripes).
 """
 

@@ -62,3 +62,31 @@ def test_non_finite_loss_stops_naming_the_step(tiny_config, tmp_path, monkeypatc
     train.train_and_evaluate(config, str(tmp_path))
   assert not (tmp_path / "checkpoints").exists() or not any(
       p.name.isdigit() for p in (tmp_path / "checkpoints").iterdir())
+
+
+@pytest.mark.parametrize("field,value", [
+    ("model.conditioning", "dual"), ("diffusion.prior", "zero"),
+    ("diffusion.mmd_kernel", "multi"), ("guidance.loss", "all"),
+    ("guidance.crop_channels", "all"), ("guidance.amsgrad", "optax"),
+    ("model.bn_running_var", "biased"), ("guidance.top_t_percent", 0.5),
+])
+def test_paper_and_alternative_switches_trace(tiny_config, field, value):
+  config = tiny_config()
+  group, name = field.split(".")
+  config[group][name] = value
+  bundle = models.create_models(config)
+  gtx, dtx, schedule = train.build_optimizers(config, 6)
+  state = jax.eval_shape(lambda k: train.create_train_state(bundle, config, gtx, dtx, k, False),
+                         jax.random.PRNGKey(0))
+  batch = {"image": jax.ShapeDtypeStruct((8, 32, 32, 3), jnp.float32),
+           "label": jax.ShapeDtypeStruct((8,), jnp.int32)}
+  steps = train.make_train_steps(bundle, config, gtx, dtx, schedule, 6)
+  for stage in ("warmup", "joint"):
+    new_state, _ = jax.eval_shape(steps[stage], state, batch)
+    assert jax.tree.structure(new_state) == jax.tree.structure(state)
+  variables = {"guidance": state.guidance, "denoiser": state.denoiser}
+  out = jax.eval_shape(lambda v, x: sampler.sample(bundle, v, x, jax.random.PRNGKey(0),
+                                                   timesteps=(2, 1, 0)), variables, batch["image"])
+  assert out["probs"].shape == (8, 4)
+  if field == "model.conditioning":  # [y_t, ŷ_g, ŷ_l]: 3C inputs to the first layer
+    assert state.denoiser["params"]["lin1"]["lin"]["dense"]["kernel"].shape[0] == 12

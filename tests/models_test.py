@@ -141,3 +141,22 @@ def test_bad_choice_names_the_field(tiny_config):
   config.guidance.backbone = "vgg"
   with pytest.raises(ValueError, match="guidance.backbone"):
     models.create_models(config)
+
+
+def test_stream_inputs_prior_and_conditioning_switches(tiny_config):
+  logits = {"fused": jnp.array([[2.0, 0.0, 0.0, 0.0]]), "global": jnp.array([[0.0, 1.0, 0.0, 0.0]]),
+            "local": jnp.array([[0.0, 0.0, 3.0, 0.0]])}
+  config = tiny_config()
+  official = models.stream_inputs(models.create_models(config), logits)
+  for name in ("fused", "global", "local"):
+    mean, cond = official[name]
+    np.testing.assert_allclose(mean, jax.nn.softmax(logits[name]), rtol=1e-6)
+    np.testing.assert_array_equal(cond, mean)
+  config.diffusion.prior = "zero"
+  config.model.conditioning = "dual"
+  paper = models.stream_inputs(models.create_models(config), logits)
+  mean, cond = paper["fused"]
+  np.testing.assert_array_equal(mean, 0.0)
+  np.testing.assert_allclose(cond, jnp.concatenate([jax.nn.softmax(logits["global"]),
+                                                    jax.nn.softmax(logits["local"])], -1),
+                             rtol=1e-6)
