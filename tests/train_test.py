@@ -78,6 +78,18 @@ def test_resume_after_interruption_is_exact(trained, tiny_config, tmp_path, monk
   assert resumed == results
 
 
+def test_restore_is_strict_about_the_model_structure(trained, tiny_config):
+  workdir, _ = trained
+  config = tiny_config()
+  config.model.feature_dim = 16
+  with pytest.raises(ValueError, match="has shape .* the config expects"):
+    train.load_variables(config, workdir, checkpoint="best")
+  config = tiny_config()
+  config.ablation = "basic"
+  with pytest.raises(ValueError, match="missing .*unexpected"):
+    train.load_variables(config, workdir, checkpoint="best")
+
+
 def test_load_variables_for_the_library_sampler(trained, tiny_config):
   workdir, _ = trained
   bundle, variables = train.load_variables(tiny_config(), workdir, checkpoint="best")
