@@ -65,17 +65,18 @@ def _softmax(logits):
   return z / z.sum(axis=1, keepdims=True)
 
 
-def score(predictions: dict, num_classes: int, with_diffusion: bool = True) -> dict:
-  """Metrics per head: {'diffusion', 'dcg_fused', 'dcg_global', 'dcg_local'}, or
-  {'classifier'} for the 'basic' ablation (a plain classifier, no diffusion head)."""
+def score(predictions: dict, num_classes: int, with_diffusion: bool = True,
+          dcg: bool = True) -> dict:
+  """Metrics per head: 'diffusion' (when there is a denoiser), then 'dcg_fused',
+  'dcg_global', 'dcg_local' for the DCG, or 'classifier' for the ablations' plain classifier."""
   labels = predictions["labels"]
-  if not with_diffusion:
-    return {"classifier": metrics.classification_metrics(predictions["probs"], labels,
-                                                         num_classes)}
-  results = {"diffusion": metrics.classification_metrics(predictions["probs"], labels,
-                                                         num_classes)}
-  for head in ("fused", "global", "local"):
-    results[f"dcg_{head}"] = metrics.classification_metrics(
+  results = {}
+  if with_diffusion:
+    results["diffusion"] = metrics.classification_metrics(predictions["probs"], labels,
+                                                          num_classes)
+  heads = {f"dcg_{h}": h for h in ("fused", "global", "local")} if dcg else {"classifier": "fused"}
+  for name, head in heads.items():
+    results[name] = metrics.classification_metrics(
         _softmax(predictions[head].astype(np.float64)), labels, num_classes)
   return results
 

@@ -19,6 +19,7 @@ import optax
 import tqdm
 
 from diffmic_jax import checkpointing
+from diffmic_jax import dcg
 from diffmic_jax import denoiser as denoiser_lib
 from diffmic_jax import diffusion
 from diffmic_jax import evaluate
@@ -219,7 +220,12 @@ def validate(run: _Run, state: TrainState, split: str) -> dict:
   predictions = evaluate.predict(run.models, variables, batches, run.eval_key, run.mesh,
                                  sampler_name=d.val_sampler, num_steps=d.val_timesteps,
                                  num_samples=d.num_samples)
-  return evaluate.score(predictions, run.models.num_classes, run.models.denoiser is not None)
+  return _score(run.models, predictions)
+
+
+def _score(models, predictions):
+  return evaluate.score(predictions, models.num_classes, models.denoiser is not None,
+                        dcg=isinstance(models.guidance, dcg.DCG))
 
 
 def _save(run, kind, state, meta):
@@ -429,7 +435,7 @@ def evaluate_checkpoint(config, workdir: str, split: str = "test", checkpoint: s
   predictions = evaluate.predict(run.models, variables, batches, run.eval_key, run.mesh,
                                  sampler_name=d.sampler, num_steps=d.test_timesteps,
                                  num_samples=d.num_samples)
-  results = evaluate.score(predictions, run.models.num_classes, run.models.denoiser is not None)
+  results = _score(run.models, predictions)
   extra = {"split": split, "checkpoint": kind, "step": int(state.step),
            "sampler": d.sampler, "steps": d.test_timesteps, "num_samples": d.num_samples,
            "eval_with_ema": bool(config.optim.eval_with_ema), "seconds": time.time() - start}

@@ -4,6 +4,7 @@ import jax
 import jax.numpy as jnp
 import pytest
 
+from diffmic_jax import dcg
 from diffmic_jax import losses
 from diffmic_jax import models
 from diffmic_jax import sampler
@@ -12,8 +13,8 @@ from diffmic_jax import train
 EXPECTED = {  # ablation -> (guidance module, has denoiser, MMD weight, stages)
     "basic": (models.Classifier, False, 0.0, ["classifier"]),
     "c1": (models.Classifier, True, 0.0, ["warmup", "joint"]),
-    "c2": (train.models_lib.dcg.DCG, True, 0.0, ["warmup", "joint"]),
-    "full": (train.models_lib.dcg.DCG, True, 0.5, ["warmup", "joint"]),
+    "c2": (dcg.DCG, True, 0.0, ["warmup", "joint"]),
+    "full": (dcg.DCG, True, 0.5, ["warmup", "joint"]),
 }
 
 

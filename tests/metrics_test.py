@@ -3,6 +3,7 @@
 import numpy as np
 import pytest
 
+from diffmic_jax import evaluate
 from diffmic_jax import metrics
 
 LABELS = np.array([0, 0, 1, 1, 2, 2])
@@ -51,3 +52,15 @@ def test_report_table_and_png(tmp_path):
   path = tmp_path / "cm.png"
   metrics.save_confusion_png(m["confusion_matrix"], ["a", "b", "c"], str(path), "t")
   assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_score_names_the_heads_of_each_ablation():
+  probs = _one_hot_probs(PREDS)
+  predictions = {"labels": LABELS, "probs": probs, "fused": np.log(probs),
+                 "global": np.log(probs), "local": np.log(probs[::-1])}
+  assert list(evaluate.score(predictions, 3)) == ["diffusion", "dcg_fused", "dcg_global",
+                                                  "dcg_local"]
+  assert list(evaluate.score(predictions, 3, dcg=False)) == ["diffusion", "classifier"]
+  basic = evaluate.score(predictions, 3, with_diffusion=False, dcg=False)
+  assert list(basic) == ["classifier"]
+  assert basic["classifier"]["accuracy"] == pytest.approx(4 / 6)

@@ -1,11 +1,15 @@
 #!/usr/bin/env bash
-# Paper Table 2 ablations on the built-in demo data (2-core CPU, a few minutes each).
-# Usage: experiments/demo_ablations.sh [OUT_DIR]   (default runs/demo_ablations)
+# Paper Table 2 ablations (basic, c1, c2, full): one training run each, then a table of the
+# test metrics of every head.
+# Usage: experiments/ablations.sh CONFIG OUT_DIR [--config.x=y ...]
+#   experiments/ablations.sh configs/demo.py runs/demo_ablations
 set -euo pipefail
-out=${1:-runs/demo_ablations}
+config=$1
+out=$2
+shift 2
 for ablation in basic c1 c2 full; do
-  python -m diffmic_jax.main --config configs/demo.py --workdir "$out/$ablation" \
-    --config.ablation="$ablation"
+  python -m diffmic_jax.main --config "$config" --workdir "$out/$ablation" \
+    --config.ablation="$ablation" "$@"
 done
 python - "$out" <<'PY'
 import json, os, sys
