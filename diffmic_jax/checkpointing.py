@@ -57,7 +57,10 @@ class Checkpointer:
     """
     manager = self._managers[kind]
     step = manager.latest_step() if step is None else int(step)
-    if step is None or step not in manager.all_steps():
+    if step is None:
+      raise FileNotFoundError(f"no {kind} checkpoint in {manager.directory}: train first, or "
+                              "pick another with --checkpoint best|latest|STEP")
+    if step not in manager.all_steps():
       raise FileNotFoundError(f"no {kind} checkpoint at step {step} in {manager.directory}; "
                               f"available: {sorted(manager.all_steps())}")
     stored = manager.item_metadata(step)["state"]

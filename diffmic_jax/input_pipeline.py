@@ -99,7 +99,14 @@ def _load_demo(config) -> tuple[Any, dict[str, list], tuple[str, ...]]:
   return ArraySource(images, labels), metadata, demo.CLASS_NAMES
 
 
+# Datasets read from the folder of downloaded files (the others take file fields).
+_NEED_MANUAL_DIR = ("ham10000", "aptos2019", "image_folder", "medmnist")
+
+
 def _load_tfds(config) -> tuple[Any, dict[str, list], tuple[str, ...], dict]:
+  if config.name in _NEED_MANUAL_DIR and not config.manual_dir:
+    raise ValueError(f"config.data.manual_dir is empty, but data.name={config.name!r} reads the "
+                     "downloaded files from it; pass --config.data.manual_dir=PATH")
   builder = builders.prepare(_build_settings(config), config.data_dir)
   metadata = builders.read_metadata(builder)
   names = tuple(builder.info.features["label"].names)

@@ -57,6 +57,15 @@ def test_num_classes_mismatch_names_the_field():
     input_pipeline.create_splits(_demo_config(num_classes=5), None)
 
 
+def test_missing_manual_dir_names_the_field(tmp_path):
+  config = default.get_config().data
+  config.name = "ham10000"
+  config.num_classes = 7
+  config.data_dir = str(tmp_path)
+  with pytest.raises(ValueError, match="config.data.manual_dir is empty"):
+    input_pipeline.create_splits(config, None)
+
+
 def test_image_folder_through_create_splits(tmp_path):
   rng = np.random.default_rng(0)
   for label in ("a", "b", "c"):
