@@ -20,6 +20,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CACHE = os.environ.get("DIFFMIC_COMPILATION_CACHE",
                        os.path.join(os.path.expanduser("~"), ".cache", "diffmic_jax", "xla-tests"))
 BATCH = 8
+EVAL_EXAMPLES = 13
 STAGES = ("warmup", "warmup", "joint", "joint")
 
 
@@ -31,6 +32,7 @@ def _child(out_path: str) -> None:
   jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
   jax.config.update("jax_numpy_rank_promotion", "raise")  # as tests/conftest.py
   from configs import test as test_config
+  from diffmic_jax import evaluate
   from diffmic_jax import models as models_lib
   from diffmic_jax import sharding
   from diffmic_jax import train
@@ -66,6 +68,19 @@ def _child(out_path: str) -> None:
     for name, value in metrics.items():
       info["metrics_fully_replicated"] &= bool(value.sharding.is_fully_replicated)
       out[f"metric/{i}/{name}"] = np.asarray(value)
+  # Evaluation over a split whose size is not a multiple of the batch: padded, sharded,
+  # gathered and unpadded by the same function that validation and --mode eval use.
+  images = rng.normal(size=(EVAL_EXAMPLES, size, size, 3)).astype(np.float32)
+  eval_batches = [{"image": np.concatenate([images[i:i + BATCH], np.zeros(
+                       (max(0, i + BATCH - EVAL_EXAMPLES), size, size, 3), np.float32)]),
+                   "label": (np.arange(i, i + BATCH) % cfg.data.num_classes).astype(np.int32),
+                   "mask": np.arange(i, i + BATCH) < EVAL_EXAMPLES}
+                  for i in range(0, EVAL_EXAMPLES, BATCH)]
+  variables = {"guidance": state.guidance, "denoiser": state.denoiser}
+  predictions = evaluate.predict(models, variables, eval_batches, jax.random.PRNGKey(1), mesh,
+                                 sampler_name="official_truncated", num_steps=5)
+  for name, value in predictions.items():
+    out[f"eval/{name}"] = value
   leaves = jax.tree_util.tree_leaves_with_path(state)
   info["state_fully_replicated"] = all(bool(leaf.sharding.is_fully_replicated)
                                        for _, leaf in leaves)
@@ -129,6 +144,15 @@ def test_two_devices_give_the_same_updated_variables_as_one(runs):
   # The steps really changed the variables (guards against comparing two initial states).
   step_key = next(k for k in keys if k.startswith("state/.step"))
   assert int(runs[1][step_key]) == len(STAGES)
+
+
+def test_two_devices_evaluate_every_example_once_with_the_same_predictions(runs):
+  keys = sorted(k for k in runs[1] if k.startswith("eval/"))
+  assert keys == sorted(k for k in runs[2] if k.startswith("eval/")) and keys
+  assert runs[2]["eval/labels"].shape == (EVAL_EXAMPLES,)
+  np.testing.assert_array_equal(runs[2]["eval/labels"], np.arange(EVAL_EXAMPLES) % 4)
+  for key in keys:
+    np.testing.assert_allclose(runs[2][key], runs[1][key], rtol=1e-4, atol=1e-5, err_msg=key)
 
 
 if __name__ == "__main__":
