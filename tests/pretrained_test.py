@@ -16,7 +16,7 @@ import pytest
 from absl import app
 from absl import flags
 
-from configs import default
+from configs import test as test_config
 from diffmic_jax import convert
 from diffmic_jax import models as models_lib
 from diffmic_jax import pretrained
@@ -240,17 +240,11 @@ def test_not_a_resnet_is_rejected():
 
 
 def tiny_config():
-  cfg = default.get_config()
+  """configs/test.py (32 px, width-8 two-stage trunks, T=10) with 3 classes and F=16."""
+  cfg = test_config.get_config()
   cfg.data.num_classes = 3
-  cfg.data.image_size = 32
-  cfg.guidance.stage_sizes = (1, 1)
-  cfg.guidance.width = 8
-  cfg.guidance.crop_size = 8
   cfg.guidance.attention_dim = 16
-  cfg.model.encoder_stage_sizes = (1, 1)
-  cfg.model.encoder_width = 8
   cfg.model.feature_dim = 16
-  cfg.diffusion.timesteps = 10
   return cfg
 
 
