@@ -219,8 +219,7 @@ def build_official_state(config, denoiser_state_dict, dcg_state_dict, *, step: i
   models = models_lib.create_models(config)
   guidance_tx, denoiser_tx, _ = train.build_optimizers(config, steps_per_epoch=1)
   seed_key = jax.random.PRNGKey(config.seed)
-  abstract = jax.eval_shape(
-      lambda k: train.create_train_state(models, config, guidance_tx, denoiser_tx, k), seed_key)
+  abstract = train.abstract_train_state(models, config)
   try:
     denoiser = convert_official_model(denoiser_state_dict, abstract.denoiser,
                                       official_denoiser_module, sources[0])

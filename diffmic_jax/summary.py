@@ -71,10 +71,7 @@ def flops_per_image(models, config, variables) -> dict:
 def _training_flops(models, config) -> float:
   batch = config.training.batch_size
   guidance_tx, denoiser_tx, schedule = train.build_optimizers(config, steps_per_epoch=1)
-  state = jax.eval_shape(lambda k: train.create_train_state(models, config, guidance_tx,
-                                                            denoiser_tx, k,
-                                                            load_pretrained=False),
-                         jax.random.PRNGKey(0))
+  state = train.abstract_train_state(models, config)
   step = train.make_train_steps(models, config, guidance_tx, denoiser_tx, schedule, 0)["joint"]
   size = config.data.image_size
   batch_spec = {"image": jax.ShapeDtypeStruct((batch, size, size, 3), jnp.float32),

@@ -207,20 +207,21 @@ def _log_interval(history, pending, writer, bar):
 def validate(run: _Run, state: TrainState, split: str) -> dict:
   """Scores the validation split (or the test split with select_best_on='test')."""
   d = run.config.diffusion
-  source = getattr(run.splits, split)
-  batch = sharding.check_batch_size(run.config.training.eval_batch_size, run.mesh,
-                                    "training.eval_batch_size")
-  batches = input_pipeline.eval_batches(source, run.config.data, batch_size=batch,
-                                        shard_index=jax.process_index(),
-                                        num_shards=jax.process_count())
-  variables = evaluate.eval_variables({"guidance": state.guidance, "denoiser": state.denoiser},
-                                      state.ema, run.config.optim.eval_with_ema)
-  if not state.denoiser:
-    variables = {"guidance": state.guidance}
+  variables = _inference_variables(state, run.config.optim.eval_with_ema)
+  batches = _eval_batches(run, getattr(run.splits, split))
   predictions = evaluate.predict(run.models, variables, batches, run.eval_key, run.mesh,
                                  sampler_name=d.val_sampler, num_steps=d.val_timesteps,
                                  num_samples=d.num_samples)
   return _score(run.models, predictions)
+
+
+def _eval_batches(run: _Run, source):
+  """Padded evaluation batches of this process's share of a split."""
+  batch = sharding.check_batch_size(run.config.training.eval_batch_size, run.mesh,
+                                    "training.eval_batch_size")
+  return input_pipeline.eval_batches(source, run.config.data, batch_size=batch,
+                                     shard_index=jax.process_index(),
+                                     num_shards=jax.process_count())
 
 
 def _score(models, predictions):
@@ -328,10 +329,6 @@ def abstract_train_state(models, config) -> TrainState:
                         jax.random.PRNGKey(0))
 
 
-def _abstract_state(run: _Run):
-  return abstract_train_state(run.models, run.config)
-
-
 def _inference_variables(state: TrainState, use_ema: bool) -> dict:
   variables = {"guidance": state.guidance}
   if state.denoiser:
@@ -396,7 +393,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     state = create_train_state(run.models, config, guidance_tx, denoiser_tx,
                                jax.random.PRNGKey(config.seed))
   else:
-    state, meta = run.checkpointer.restore("latest", latest, _abstract_state(run))
+    state, meta = run.checkpointer.restore("latest", latest,
+                                           abstract_train_state(run.models, config))
     if meta.get("data_iter") is not None:  # None: imported from the official code.
       train_iter.set_state(meta["data_iter"])
     meta = {"best_accuracy": -1.0, "best_step": None, **meta, "data_iter": train_iter.get_state()}
@@ -419,17 +417,13 @@ def evaluate_checkpoint(config, workdir: str, split: str = "test", checkpoint: s
   """`--mode eval`: restores 'best', 'latest' or a step number and scores one split."""
   run = run or _prepare(config, workdir)
   kind, step = _checkpoint_kind(checkpoint)
-  state, _ = run.checkpointer.restore(kind, step, _abstract_state(run))
+  state, _ = run.checkpointer.restore(kind, step, abstract_train_state(run.models, config))
   state = sharding.replicate(state, run.mesh)
   d = run.config.diffusion
   if split not in ("train", "val", "test"):
     raise ValueError(f"--split={split!r}; choose from ['test', 'train', 'val']")
-  batch = sharding.check_batch_size(config.training.eval_batch_size, run.mesh,
-                                    "training.eval_batch_size")
   source = getattr(run.splits, split)
-  batches = input_pipeline.eval_batches(source, config.data, batch_size=batch,
-                                        shard_index=jax.process_index(),
-                                        num_shards=jax.process_count())
+  batches = _eval_batches(run, source)
   variables = _inference_variables(state, config.optim.eval_with_ema)
   start = time.time()
   predictions = evaluate.predict(run.models, variables, batches, run.eval_key, run.mesh,

@@ -30,8 +30,7 @@ def test_ablation_builds_consistent_models_and_steps(tiny_config, ablation):
   plan = train.stage_plan(bundle, config, steps_per_epoch=6)
   assert [s.name for s in plan] == stages
   gtx, dtx, schedule = train.build_optimizers(config, 6)
-  state = jax.eval_shape(lambda k: train.create_train_state(bundle, config, gtx, dtx, k, False),
-                         jax.random.PRNGKey(0))
+  state = train.abstract_train_state(bundle, config)
   batch = {"image": jax.ShapeDtypeStruct((8, 32, 32, 3), jnp.float32),
            "label": jax.ShapeDtypeStruct((8,), jnp.int32)}
   steps = train.make_train_steps(bundle, config, gtx, dtx, schedule, plan[-1].start)
@@ -77,8 +76,7 @@ def test_paper_and_alternative_switches_trace(tiny_config, field, value):
   config[group][name] = value
   bundle = models.create_models(config)
   gtx, dtx, schedule = train.build_optimizers(config, 6)
-  state = jax.eval_shape(lambda k: train.create_train_state(bundle, config, gtx, dtx, k, False),
-                         jax.random.PRNGKey(0))
+  state = train.abstract_train_state(bundle, config)
   batch = {"image": jax.ShapeDtypeStruct((8, 32, 32, 3), jnp.float32),
            "label": jax.ShapeDtypeStruct((8,), jnp.int32)}
   steps = train.make_train_steps(bundle, config, gtx, dtx, schedule, 6)

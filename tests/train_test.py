@@ -103,7 +103,8 @@ def test_load_variables_for_the_library_sampler(trained, tiny_config):
 def test_eval_with_ema_uses_the_ema_parameters(trained, tiny_config):
   workdir, _ = trained
   run = train._prepare(tiny_config(), workdir)
-  state, _ = run.checkpointer.restore("latest", None, train._abstract_state(run))
+  state, _ = run.checkpointer.restore("latest", None,
+                                      train.abstract_train_state(run.models, run.config))
   raw = {"guidance": state.guidance, "denoiser": state.denoiser}
   with_ema = evaluate.eval_variables(raw, state.ema, True)
   assert with_ema["denoiser"]["params"] is state.ema
