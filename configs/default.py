@@ -88,6 +88,9 @@ def get_config() -> ml_collections.ConfigDict:
   diffusion.val_sampler = "full"  # sampler used for validation during training (official: full).
   diffusion.val_timesteps = 1000  # N for validation with val_sampler (ignored by 'full').
   diffusion.num_samples = 1  # samples per image; >1 averages softmax(y0) over samples.
+  # Bound on y0_hat inside the reverse chain, as DDPM's clip_denoised ([-clip, clip]; one-hot
+  # labels live in [0, 1]); 0 = off (official). Stops an untrained chain from diverging.
+  diffusion.clip_y0 = 0.0
 
   # Denoiser optimiser, REFERENCE.md §6.
   config.optim = optim = ml_collections.ConfigDict()

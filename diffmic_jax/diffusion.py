@@ -72,7 +72,13 @@ def predict_y0(schedule: Schedule, y_t, prior_mean, eps_pred, t):
   return (y_t - (1.0 - sqrt_ab) * prior_mean - sqrt_1m_ab * eps_pred) / sqrt_ab
 
 
-def posterior_step(schedule: Schedule, y_t, prior_mean, eps_pred, t, t_prev, noise):
+def clip_y0(y0, clip: float):
+  """ŷ₀ clipped to [−clip, clip] when clip > 0 (a static Python float), else unchanged. [B, C]."""
+  return jnp.clip(y0, -clip, clip) if clip else y0
+
+
+def posterior_step(schedule: Schedule, y_t, prior_mean, eps_pred, t, t_prev, noise,
+                   clip: float = 0.0):
   """One reverse step y_t -> y_{t_prev} of the CARD sampler (§5.6), for any t_prev < t.
 
   With ᾱ' = ᾱ_t/ᾱ_{t_prev} and β' = 1 − ᾱ' (for t_prev = t−1 these are α_t and β_t):
@@ -85,16 +91,18 @@ def posterior_step(schedule: Schedule, y_t, prior_mean, eps_pred, t, t_prev, noi
     y_t: [B, C]; prior_mean: [B, C] μ; eps_pred: [B, C] ε̂ = ε_θ(x, y_t, t, ŷ).
     t, t_prev: [] integer timesteps, t_prev < t.
     noise: [B, C] z ~ N(0, I).
+    clip: if > 0, ŷ₀ is clipped to [−clip, clip] before it enters the mean (DDPM's
+      clip_denoised; one-hot labels live in [0, 1]). 0 = off (official).
 
   Returns:
-    ([B, C] y_{t_prev}, [B, C] ŷ₀).
+    ([B, C] y_{t_prev}, [B, C] ŷ₀ (clipped if asked)).
   """
   ab_t = schedule.alphas_cumprod[t]
   ab_prev = schedule.alphas_cumprod[t_prev]
   # Consecutive steps read α_t from the table, as the official code; respaced ones derive it.
   alpha = jnp.where(t_prev == t - 1, schedule.alphas[t], ab_t / ab_prev)
   beta = 1.0 - alpha
-  y0_pred = predict_y0(schedule, y_t, prior_mean, eps_pred, t)
+  y0_pred = clip_y0(predict_y0(schedule, y_t, prior_mean, eps_pred, t), clip)
   sqrt_ab_t = jnp.sqrt(ab_t)
   gamma0 = beta * jnp.sqrt(ab_prev) / (1.0 - ab_t)
   gamma1 = (1.0 - ab_prev) * jnp.sqrt(alpha) / (1.0 - ab_t)

@@ -55,6 +55,7 @@ class Models(NamedTuple):
     mmd_weight: λ (0 when the ablation has no MMD).
     mmd_kernel: 'gaussian' or 'multi'.
     num_classes: C.
+    clip_y0: bound on ŷ₀ inside the reverse chain (0 = off, the official behaviour).
   """
 
   guidance: nn.Module
@@ -67,6 +68,7 @@ class Models(NamedTuple):
   mmd_weight: float
   mmd_kernel: str
   num_classes: int
+  clip_y0: float = 0.0
 
   def schedule(self) -> diffusion.Schedule:
     return diffusion.linear_schedule(self.num_timesteps, self.beta_start, self.beta_end)
@@ -126,7 +128,14 @@ def create_models(config: ml_collections.ConfigDict) -> Models:
   return Models(guidance, noise_model, int(d.timesteps), float(d.beta_start), float(d.beta_end),
                 _choice(d.prior, PRIORS, "diffusion.prior"), m.conditioning,
                 mmd_weight,
-                _choice(d.mmd_kernel, ("gaussian", "multi"), "diffusion.mmd_kernel"), num_classes)
+                _choice(d.mmd_kernel, ("gaussian", "multi"), "diffusion.mmd_kernel"), num_classes,
+                _clip_bound(d.clip_y0))
+
+
+def _clip_bound(value) -> float:
+  if float(value) < 0:
+    raise ValueError(f"config.diffusion.clip_y0={value!r} must be >= 0 (0 = no clipping)")
+  return float(value)
 
 
 def init_variables(models: Models, key, image_size: int, batch_size: int = 2):

@@ -17,7 +17,7 @@ from diffmic_jax import diffusion
 from diffmic_jax import models as models_lib
 
 
-def run_chain(denoise_fn, schedule, prior_mean, conditioning, key, timesteps):
+def run_chain(denoise_fn, schedule, prior_mean, conditioning, key, timesteps, clip: float = 0.0):
   """One reverse chain for a batch.
 
   Args:
@@ -27,6 +27,7 @@ def run_chain(denoise_fn, schedule, prior_mean, conditioning, key, timesteps):
     conditioning: [B, ·] ŷ fed to the denoiser.
     key: PRNG key.
     timesteps: descending schedule indices ending at 0 (`diffusion.timestep_sequence`).
+    clip: ŷ₀ clip bound of every step and of the output (`diffusion.clip_y0`); 0 = off.
 
   Returns:
     [B, C] ŷ₀.
@@ -39,12 +40,12 @@ def run_chain(denoise_fn, schedule, prior_mean, conditioning, key, timesteps):
     t, t_prev = t_pair
     noise = jax.random.normal(jax.random.fold_in(key_steps, t), y.shape, y.dtype)
     eps = denoise_fn(y, conditioning, t)
-    y, _ = diffusion.posterior_step(schedule, y, prior_mean, eps, t, t_prev, noise)
+    y, _ = diffusion.posterior_step(schedule, y, prior_mean, eps, t, t_prev, noise, clip=clip)
     return y, None
 
   y, _ = jax.lax.scan(step, y, (ts[:-1], ts[1:]))
   eps = denoise_fn(y, conditioning, ts[-1])
-  return diffusion.predict_y0(schedule, y, prior_mean, eps, ts[-1])
+  return diffusion.clip_y0(diffusion.predict_y0(schedule, y, prior_mean, eps, ts[-1]), clip)
 
 
 def guidance_outputs(models, variables, images):
@@ -84,7 +85,7 @@ def sample(models: models_lib.Models, variables, images, key, *, timesteps, num_
                                    method=denoiser_lib.NoiseModel.denoise)
 
     chain = functools.partial(run_chain, denoise_fn, models.schedule(), prior_mean, conditioning,
-                              timesteps=timesteps)
+                              timesteps=timesteps, clip=models.clip_y0)
     y0 = jnp.moveaxis(jax.vmap(chain)(jax.random.split(key, num_samples)), 0, 1)
   probs = jnp.mean(jax.nn.softmax(y0, axis=-1), axis=1)
   entropy = -jnp.sum(probs * jnp.log(jnp.clip(probs, 1e-12, 1.0)), axis=-1)

@@ -1,0 +1,33 @@
+"""BUSI at CPU size: the accuracy study's BUSI setting (experiments/README.md, "Accuracy").
+
+64×64 images, two-stage width-16 ResNet-18 trunks for the DCG and ρ(x), F=256, T=100,
+trained from scratch. Every arm of the study (basic, c1, c2, full) uses this config.
+
+  python -m diffmic_jax.main --config configs/busi_cpu.py --workdir runs/busi_cpu
+"""
+
+from configs import busi
+
+
+def get_config():
+  config = busi.get_config()
+  config.data.image_size = 64
+  config.guidance.backbone = "resnet18"
+  config.guidance.stage_sizes = (1, 1)
+  config.guidance.width = 16
+  config.guidance.crop_size = 8
+  config.guidance.lr = 1e-3
+  config.guidance.pretrain_epochs = 5
+  config.model.encoder_stage_sizes = (1, 1)
+  config.model.encoder_width = 16
+  config.model.feature_dim = 256
+  config.diffusion.timesteps = 100
+  config.diffusion.test_timesteps = 100
+  config.diffusion.val_timesteps = 100
+  config.optim.warmup_epochs = 2
+  config.training.num_epochs = 60
+  config.training.eval_every_epochs = 5
+  config.training.batch_size = 32
+  config.training.eval_batch_size = 64
+  config.diffusion.num_samples = 10
+  return config

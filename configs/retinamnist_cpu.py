@@ -1,0 +1,28 @@
+"""RetinaMNIST (MedMNIST v2, 28×28 fundus, 5 DR grades) at CPU size: the study's quick third set.
+
+The official MedMNIST train/val/test split (1,080 / 120 / 400) of ../shared/data/retinamnist_28,
+upsampled to 32×32 at build time, with the model sizes of configs/busi_cpu.py (crop 8 px on a 4×4
+saliency grid).
+
+  python -m diffmic_jax.main --config configs/retinamnist_cpu.py --workdir runs/retinamnist_cpu
+"""
+
+import os
+
+from configs import busi_cpu
+
+_SHARED_DATA = os.environ.get(
+    "DIFFMIC_SHARED_DATA",
+    os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "shared", "data"))
+
+
+def get_config():
+  config = busi_cpu.get_config()
+  config.data.name = "medmnist"
+  config.data.manual_dir = os.path.normpath(os.path.join(_SHARED_DATA, "retinamnist_28"))
+  config.data.num_classes = 5
+  config.data.image_size = 32
+  config.data.deduplicate = False
+  config.data.class_names = ("grade0", "grade1", "grade2", "grade3", "grade4")
+  config.training.num_epochs = 40
+  return config

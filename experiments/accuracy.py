@@ -1,0 +1,164 @@
+"""The accuracy study: arms × seeds of full training runs, one table of mean ± std.
+
+Every run is `python -m diffmic_jax.main --config CONFIG --workdir RUNS/<arm>/seed<k>
+--config.seed=<k> <arm overrides>`; its test report (eval/test_metrics.json, the checkpoint
+chosen on the validation split) and its learning curves (metrics.jsonl) are copied into
+OUT/runs/<arm>_seed<k>.json. Finished runs are skipped, so an interrupted study resumes.
+
+  python experiments/accuracy.py --config configs/busi_cpu.py --arms protocol \
+      --seeds 0,1,2 --out experiments/results/busi_cpu --runs runs/accuracy/busi_cpu
+
+Arm sets (--arms): `protocol` = the paper's Table 2 arms basic, c1, c2, full (the DCG alone is
+read from the full runs' DCG heads: its training never sees the denoiser); `levers` = the full
+model with one change each (see LEVERS); or a comma list of names from both. Writes
+OUT/results.json (every run), OUT/table.md (mean ± std over seeds for every arm and head) and
+OUT/curves_<arm>.png (validation accuracy of every head and the training losses).
+"""
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+
+import numpy as np
+
+PROTOCOL = {
+    "basic": ["--config.ablation=basic"],
+    "c1": ["--config.ablation=c1"],
+    "c2": ["--config.ablation=c2"],
+    "full": ["--config.ablation=full"],
+}
+# One change each against the config's full model (issue 9's levers).
+LEVERS = {
+    "full_s1": ["--config.diffusion.num_samples=1"],
+    "full_ema": ["--config.optim.eval_with_ema=True"],
+    "full_dual": ["--config.model.conditioning=dual"],
+    "full_warm10": ["--config.guidance.pretrain_epochs=10"],
+    "full_lossall": ["--config.guidance.loss=all"],
+    "full_balanced": ["--config.data.class_balanced=True"],
+    # β scaled by 1000/T: at T=100 the chain then ends at the ᾱ_T ≈ 2e-5 of the official
+    # T=1000 table instead of ᾱ_T = 0.36 (where the sampler's start N(μ, I) is not the marginal).
+    "full_beta1000": ["--config.diffusion.beta_start=1e-3", "--config.diffusion.beta_end=0.2"],
+    "full_frozen_dcg": ["--config.guidance.joint_train=False"],
+    "full_clip": ["--config.diffusion.clip_y0=2.0"],
+    "full_e300": ["--config.training.num_epochs=300", "--config.training.eval_every_epochs=20"],
+}
+ARMS = {**PROTOCOL, **LEVERS}
+METRICS = ("accuracy", "f1_macro", "kappa_quadratic", "balanced_accuracy", "auc_macro_ovr")
+
+
+def run_one(config, arm, seed, runs_dir, out_dir, extra):
+  """Trains one arm × seed (skipped if its result exists); returns the result record."""
+  result_path = os.path.join(out_dir, "runs", f"{arm}_seed{seed}.json")
+  if os.path.exists(result_path):
+    with open(result_path) as f:
+      return json.load(f)
+  workdir = os.path.join(runs_dir, arm, f"seed{seed}")
+  os.makedirs(workdir, exist_ok=True)
+  cmd = [sys.executable, "-m", "diffmic_jax.main", f"--config={config}", f"--workdir={workdir}",
+         f"--config.seed={seed}", *ARMS[arm], *extra]
+  start = time.time()
+  with open(os.path.join(workdir, "stdout.log"), "a") as log:
+    subprocess.run(cmd, check=True, stdout=log, stderr=subprocess.STDOUT)
+  with open(os.path.join(workdir, "eval", "test_metrics.json")) as f:
+    report = json.load(f)
+  record = {"arm": arm, "seed": seed, "command": " ".join(cmd[1:]), "wall_s": time.time() - start,
+            "test": report, "curves": _curves(os.path.join(workdir, "metrics.jsonl"))}
+  os.makedirs(os.path.dirname(result_path), exist_ok=True)
+  with open(result_path + ".tmp", "w") as f:
+    json.dump(record, f, indent=1)
+  os.replace(result_path + ".tmp", result_path)
+  return record
+
+
+def _curves(path):
+  """Validation rows and (subsampled) training rows of a metrics.jsonl."""
+  val, train = [], []
+  with open(path) as f:
+    for line in f:
+      row = json.loads(line)
+      (val if "epoch" in row else train).append(row)
+  keep = max(1, len(train) // 200)
+  return {"val": val, "train": train[::keep]}
+
+
+def table(records):
+  """Markdown table: arm, head, then mean ± std over seeds of every metric."""
+  by_arm = {}
+  for r in records:
+    by_arm.setdefault(r["arm"], []).append(r)
+  lines = ["| arm | head | seeds | " + " | ".join(METRICS) + " |",
+           "|---|---|---|" + "---|" * len(METRICS)]
+  for arm, runs in by_arm.items():
+    for head in runs[0]["test"]["heads"]:
+      cells = []
+      for m in METRICS:
+        values = np.array([r["test"]["heads"][head][m] for r in runs], float)
+        cells.append(f"{values.mean():.3f} ± {values.std(ddof=1) if len(values) > 1 else 0:.3f}")
+      lines.append(f"| {arm} | {head} | {len(runs)} | " + " | ".join(cells) + " |")
+  return "\n".join(lines)
+
+
+def plot_curves(records, out_dir):
+  import matplotlib
+  matplotlib.use("Agg")
+  from matplotlib import pyplot as plt
+  by_arm = {}
+  for r in records:
+    by_arm.setdefault(r["arm"], []).append(r)
+  for arm, runs in by_arm.items():
+    fig, (ax_val, ax_loss) = plt.subplots(1, 2, figsize=(11, 4))
+    for r in runs:
+      val = r["curves"]["val"]
+      if not val:
+        continue
+      split = val[0]["split"]
+      for key in sorted(k for k in val[0] if k.endswith("_accuracy")):
+        head = key[len(split) + 1:-len("_accuracy")]
+        ax_val.plot([v["epoch"] for v in val], [v[key] for v in val], label=f"{head} s{r['seed']}")
+      train = r["curves"]["train"]
+      for key in ("mse", "mmd_global", "mmd_local", "dcg_loss"):
+        if train and key in train[0]:
+          ax_loss.plot([t["step"] for t in train], [t[key] for t in train], label=f"{key} s{r['seed']}",
+                       lw=0.8)
+    ax_val.set(title=f"{arm}: {split} accuracy per head", xlabel="joint epoch")
+    ax_loss.set(title=f"{arm}: training losses", xlabel="step", yscale="log")
+    ax_val.legend(fontsize=6, ncol=2)
+    ax_loss.legend(fontsize=6, ncol=2)
+    fig.tight_layout()
+    fig.savefig(os.path.join(out_dir, f"curves_{arm}.png"), dpi=80)
+    plt.close(fig)
+
+
+def main():
+  parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  parser.add_argument("--config", required=True)
+  parser.add_argument("--arms", default="protocol")
+  parser.add_argument("--seeds", default="0,1,2")
+  parser.add_argument("--out", required=True, help="results folder (JSON, table, PNGs)")
+  parser.add_argument("--runs", required=True, help="workdirs of the runs (not committed)")
+  args, extra = parser.parse_known_args()
+  names = {"protocol": list(PROTOCOL), "levers": ["full", *LEVERS]}.get(args.arms,
+                                                                       args.arms.split(","))
+  unknown = [n for n in names if n not in ARMS]
+  if unknown:
+    parser.error(f"unknown arms {unknown}; choose from {sorted(ARMS)}, 'protocol' or 'levers'")
+  records = []
+  for seed in [int(s) for s in args.seeds.split(",")]:
+    for arm in names:
+      records.append(run_one(args.config, arm, seed, args.runs, args.out, extra))
+      print(f"{arm} seed {seed}: " + ", ".join(
+          f"{h} F1 {m['f1_macro']:.3f}" for h, m in records[-1]["test"]["heads"].items()),
+          flush=True)
+  with open(os.path.join(args.out, "results.json"), "w") as f:
+    json.dump({"config": args.config, "extra": extra, "runs": records}, f, indent=1)
+  with open(os.path.join(args.out, "table.md"), "w") as f:
+    f.write(table(records) + "\n")
+  plot_curves(records, args.out)
+  print(table(records))
+
+
+if __name__ == "__main__":
+  main()
