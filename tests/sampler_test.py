@@ -58,3 +58,57 @@ def test_sampler_matches_official_per_step_encoder(tiny):
   chain_key = jax.random.split(key, 1)[0]
   slow = sampler.run_chain(official, bundle.schedule(), mu, cond, chain_key, ts)
   np.testing.assert_allclose(fast, slow, rtol=1e-4, atol=1e-4)
+
+
+def test_clip_bounds_y0_inside_the_posterior_step():
+  """A clipped ŷ₀ enters the mean exactly as an unclipped step whose ŷ₀ equals the bound."""
+  s = diffusion.linear_schedule(100)
+  t, t_prev = 60, 59
+  ab = float(s.alphas_cumprod[t])
+  y_t = jnp.array([[0.3, -0.2, 0.9]])
+  mu = jnp.array([[0.5, 0.3, 0.2]])
+  z = jnp.array([[0.1, -0.4, 0.2]])
+
+  def eps_for(y0):  # the ε̂ for which predict_y0 returns y0 (inverse of q_sample).
+    return (y_t - np.sqrt(ab) * y0 - (1 - np.sqrt(ab)) * mu) / np.sqrt(1 - ab)
+
+  wild = jnp.array([[7.0, -5.0, 0.5]])
+  bounded = jnp.array([[2.0, -2.0, 0.5]])
+  y_clip, y0_clip = diffusion.posterior_step(s, y_t, mu, eps_for(wild), t, t_prev, z, clip=2.0)
+  y_ref, y0_ref = diffusion.posterior_step(s, y_t, mu, eps_for(bounded), t, t_prev, z)
+  np.testing.assert_allclose(y0_clip, bounded, atol=1e-4)
+  np.testing.assert_allclose(y_clip, y_ref, atol=1e-5)
+  _, y0_off = diffusion.posterior_step(s, y_t, mu, eps_for(wild), t, t_prev, z)
+  np.testing.assert_allclose(y0_off, wild, atol=1e-3)  # clip=0: unchanged (official)
+
+
+def test_clip_stops_a_diverging_chain():
+  """ε̂ = −3·y_t (an untrained, self-reinforcing denoiser) blows the full T=1000 chain up to
+  |ŷ₀| ≫ 1; with clip_y0 = 2 every ŷ₀ and the output stay within [−2, 2]."""
+  s = diffusion.linear_schedule(1000)
+  mu = jnp.full((4, 3), 1 / 3)
+  ts = diffusion.timestep_sequence("full", 1000, 0)
+  denoise = lambda y, cond, t: -3.0 * y
+  key = jax.random.PRNGKey(0)
+  wild = sampler.run_chain(denoise, s, mu, mu, key, ts)
+  tame = sampler.run_chain(denoise, s, mu, mu, key, ts, clip=2.0)
+  assert float(jnp.max(jnp.abs(wild))) > 100.0
+  assert float(jnp.max(jnp.abs(tame))) <= 2.0
+  assert np.all(np.isfinite(np.asarray(tame)))
+
+  # Every step, not only the output, is clipped: the same chain driven by the ε̂ whose ŷ₀ is
+  # the clipped one (inverse of q_sample) gives the same result without the switch.
+  def clipped_denoise(y, cond, t):
+    ab = s.alphas_cumprod[t]
+    y0 = jnp.clip(diffusion.predict_y0(s, y, mu, denoise(y, cond, t), t), -2.0, 2.0)
+    return (y - jnp.sqrt(ab) * y0 - (1 - jnp.sqrt(ab)) * mu) / jnp.sqrt(1 - ab)
+
+  reference = jnp.clip(sampler.run_chain(clipped_denoise, s, mu, mu, key, ts), -2.0, 2.0)
+  np.testing.assert_allclose(tame, reference, atol=1e-3)
+
+
+def test_negative_clip_is_refused(tiny_config):
+  config = tiny_config()
+  config.diffusion.clip_y0 = -1.0
+  with pytest.raises(ValueError, match="diffusion.clip_y0"):
+    models.create_models(config)
