@@ -110,6 +110,9 @@ def get_config() -> ml_collections.ConfigDict:
   training.num_epochs = 1000
   training.eval_every_epochs = 10  # validation cadence (official: every 10 epochs and at the end).
   training.select_best_on = "val"  # val | test (official: best on test).
+  # Metric of the first head (diffusion, else the guidance model) that picks the best checkpoint:
+  # accuracy (official) | f1_macro | balanced_accuracy.
+  training.select_metric = "accuracy"
   training.checkpoint_every_steps = 1000  # also at the end of every stage.
   training.keep_checkpoints = 3  # latest K kept; the best-on-validation one is kept apart.
   training.log_every_steps = 50

@@ -19,8 +19,11 @@ from diffmic_jax import resnet
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
 # Paper Table 2: which guidance model, whether the diffusion head exists, whether MMD is on.
+# 'dcg' (not in the paper) is the DCG trained alone with its cross-entropy, selected on its own
+# validation score: the guidance model as a classifier in its own right.
 ABLATIONS = {
     "basic": {"guidance": "classifier", "diffusion": False, "mmd": False},
+    "dcg": {"guidance": "dcg", "diffusion": False, "mmd": False},
     "c1": {"guidance": "classifier", "diffusion": True, "mmd": False},
     "c2": {"guidance": "dcg", "diffusion": True, "mmd": False},
     "full": {"guidance": "dcg", "diffusion": True, "mmd": True},
@@ -48,7 +51,7 @@ class Models(NamedTuple):
 
   Attributes:
     guidance: the DCG (or the ablations' plain classifier): x -> (logits dict, aux).
-    denoiser: ε_θ with ρ(x), or None for the 'basic' ablation.
+    denoiser: ε_θ with ρ(x), or None for the 'basic' and 'dcg' ablations.
     num_timesteps, beta_start, beta_end: the linear schedule.
     prior: 'fused' (μ = softmax(y_fused), official) or 'zero' (μ = 0, --noise_prior).
     conditioning: 'prior' ([y_t, ŷ], official) or 'dual' ([y_t, ŷ_g, ŷ_l], the paper).

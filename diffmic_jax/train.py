@@ -44,6 +44,10 @@ class TrainState:
   ema: Any  # EMA of the denoiser params; {} without diffusion.
 
 
+# Validation metrics that may choose the best checkpoint (official: accuracy).
+SELECT_METRICS = ("accuracy", "f1_macro", "balanced_accuracy")
+
+
 class Stage(NamedTuple):
   name: str  # 'warmup' | 'joint' | 'classifier'
   start: int  # first global step of the stage
@@ -271,7 +275,8 @@ def run_stage(run: _Run, stage: Stage, step_fn, state, train_iter, meta, writer)
 def _validate_and_keep_best(run, state, meta, epoch, writer):
   split = "test" if run.config.training.select_best_on == "test" else "val"
   results = validate(run, state, split)
-  head, main = next(iter(results.items()))
+  head, main = next(iter(results.items()))  # the diffusion head, else the guidance model.
+  metric = run.config.training.select_metric
   summary = {"step": int(state.step), "epoch": epoch, "split": split,
              **{f"{split}_{h}_accuracy": m["accuracy"] for h, m in results.items()},
              f"{split}_{head}_f1_macro": main["f1_macro"]}
@@ -279,8 +284,9 @@ def _validate_and_keep_best(run, state, meta, epoch, writer):
   writer.flush()
   tqdm.tqdm.write(f"epoch {epoch} {split}: {head} accuracy {main['accuracy']:.4f}, "
                   f"macro F1 {main['f1_macro']:.4f}")
-  if main["accuracy"] > meta["best_accuracy"]:
-    meta = {**meta, "best_accuracy": main["accuracy"], "best_step": int(state.step)}
+  if main[metric] > meta["best_accuracy"]:
+    # 'best_accuracy' keeps its name in checkpoint metadata; it holds the selection metric.
+    meta = {**meta, "best_accuracy": main[metric], "best_step": int(state.step)}
     _save(run, "best", state, meta)
   return meta
 
@@ -310,6 +316,9 @@ def _validate_config(config):
                 "checkpoint_every_steps", "keep_checkpoints", "log_every_steps"):
     if int(t[field]) < 1:
       raise ValueError(f"config.training.{field} must be >= 1, got {t[field]}")
+  if t.select_metric not in SELECT_METRICS:
+    raise ValueError(f"config.training.select_metric={t.select_metric!r}; choose from "
+                     f"{list(SELECT_METRICS)}")
   if t.select_best_on not in ("val", "test"):
     raise ValueError(f"config.training.select_best_on={t.select_best_on!r}; choose from "
                      "['test', 'val']")
@@ -373,7 +382,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   Returns:
     the test metrics {head: metrics}.
   """
-  if config.ablation != "basic" and config.optim.warmup_epochs >= config.training.num_epochs:
+  if (models_lib.ABLATIONS.get(config.ablation, {}).get("diffusion")
+      and config.optim.warmup_epochs >= config.training.num_epochs):
     raise ValueError(f"config.optim.warmup_epochs={config.optim.warmup_epochs} must be smaller "
                      f"than config.training.num_epochs={config.training.num_epochs} (the LR "
                      "would never leave its linear warm-up)")

@@ -1,5 +1,7 @@
 """Paper Table 2 ablations (one override each) and the non-finite-loss stop."""
 
+import json
+
 import jax
 import jax.numpy as jnp
 import pytest
@@ -12,6 +14,7 @@ from diffmic_jax import train
 
 EXPECTED = {  # ablation -> (guidance module, has denoiser, MMD weight, stages)
     "basic": (models.Classifier, False, 0.0, ["classifier"]),
+    "dcg": (dcg.DCG, False, 0.0, ["classifier"]),
     "c1": (models.Classifier, True, 0.0, ["warmup", "joint"]),
     "c2": (dcg.DCG, True, 0.0, ["warmup", "joint"]),
     "full": (dcg.DCG, True, 0.5, ["warmup", "joint"]),
@@ -51,6 +54,22 @@ def test_basic_ablation_trains_and_reports_the_classifier(tiny_config, tmp_path)
   results = train.train_and_evaluate(config, str(tmp_path))
   assert list(results) == ["classifier"]
   assert results["classifier"]["num_examples"] == 16
+
+
+def test_dcg_ablation_selects_its_best_checkpoint_on_validation_f1(tiny_config, tmp_path):
+  config = tiny_config()
+  config.ablation = "dcg"
+  config.training.num_epochs = 3
+  config.training.select_metric = "f1_macro"
+  results = train.train_and_evaluate(config, str(tmp_path))
+  assert list(results) == ["dcg_fused", "dcg_global", "dcg_local"]
+  rows = [json.loads(line) for line in open(tmp_path / "metrics.jsonl")]
+  val = [r for r in rows if "epoch" in r]
+  assert len(val) == 3
+  f1 = [r["val_dcg_fused_f1_macro"] for r in val]
+  best = val[f1.index(max(f1))]["step"]  # the first maximum wins, as in training
+  report = json.load(open(tmp_path / "eval" / "test_metrics.json"))
+  assert report["checkpoint"] == "best" and report["step"] == best
 
 
 def test_non_finite_loss_stops_naming_the_step(tiny_config, tmp_path, monkeypatch):
