@@ -25,10 +25,11 @@ def get_config():
   config.data.manual_dir = os.path.normpath(os.path.join(_SHARED_DATA, "ham10000_200x150"))
   config.data.image_size = 64
   config.data.group_split = True  # lesion-grouped: no lesion on both sides of the split.
-  config.guidance.pretrain_epochs = 3
+  config.guidance.pretrain_epochs = 2
   config.optim.warmup_epochs = 1
-  config.training.num_epochs = 10
+  config.training.num_epochs = 8
   config.training.eval_every_epochs = 2
+  config.training.select_metric = "f1_macro"
   config.training.batch_size = 32
   config.training.eval_batch_size = 128
   return config

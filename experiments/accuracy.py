@@ -8,9 +8,10 @@ OUT/runs/<arm>_seed<k>.json. Finished runs are skipped, so an interrupted study 
   python experiments/accuracy.py --config configs/busi_cpu.py --arms protocol \
       --seeds 0,1,2 --out experiments/results/busi_cpu --runs runs/accuracy/busi_cpu
 
-Arm sets (--arms): `protocol` = the paper's Table 2 arms basic, c1, c2, full (the DCG alone is
-read from the full runs' DCG heads: its training never sees the denoiser); `levers` = the full
-model with one change each (see LEVERS); or a comma list of names from both. Writes
+Arm sets (--arms): `protocol` = the paper's Table 2 arms basic, c1, c2, full plus `dcg`, the
+DCG trained alone and selected on its own validation score; `levers` = the full model with one
+change each (see LEVERS); or a comma list of names from both. `--table-only` rebuilds the
+outputs from every run already in OUT/runs (several studies may share one OUT). Writes
 OUT/results.json (every run), OUT/table.md (mean ± std over seeds for every arm and head) and
 OUT/curves_<arm>.png (validation accuracy of every head and the training losses).
 """
@@ -26,6 +27,7 @@ import numpy as np
 
 PROTOCOL = {
     "basic": ["--config.ablation=basic"],
+    "dcg": ["--config.ablation=dcg"],
     "c1": ["--config.ablation=c1"],
     "c2": ["--config.ablation=c2"],
     "full": ["--config.ablation=full"],
@@ -33,6 +35,7 @@ PROTOCOL = {
 # One change each against the config's full model (issue 9's levers).
 LEVERS = {
     "full_s1": ["--config.diffusion.num_samples=1"],
+    "full_s50": ["--config.diffusion.num_samples=50"],
     "full_ema": ["--config.optim.eval_with_ema=True"],
     "full_dual": ["--config.model.conditioning=dual"],
     "full_warm10": ["--config.guidance.pretrain_epochs=10"],
@@ -139,7 +142,10 @@ def main():
   parser.add_argument("--seeds", default="0,1,2")
   parser.add_argument("--out", required=True, help="results folder (JSON, table, PNGs)")
   parser.add_argument("--runs", required=True, help="workdirs of the runs (not committed)")
+  parser.add_argument("--table-only", action="store_true", help="only rebuild the outputs")
   args, extra = parser.parse_known_args()
+  if args.table_only:
+    return write_outputs(args.out, args.config, extra, _read_runs(args.out))
   names = {"protocol": list(PROTOCOL), "levers": ["full", *LEVERS]}.get(args.arms,
                                                                        args.arms.split(","))
   unknown = [n for n in names if n not in ARMS]
@@ -152,11 +158,27 @@ def main():
       print(f"{arm} seed {seed}: " + ", ".join(
           f"{h} F1 {m['f1_macro']:.3f}" for h, m in records[-1]["test"]["heads"].items()),
           flush=True)
-  with open(os.path.join(args.out, "results.json"), "w") as f:
-    json.dump({"config": args.config, "extra": extra, "runs": records}, f, indent=1)
-  with open(os.path.join(args.out, "table.md"), "w") as f:
+  write_outputs(args.out, args.config, extra, _read_runs(args.out))
+
+
+def _read_runs(out_dir):
+  """Every finished run of OUT/runs, in arm order (protocol, then levers), then seed."""
+  folder = os.path.join(out_dir, "runs")
+  records = []
+  for name in sorted(os.listdir(folder)):
+    if name.endswith(".json"):
+      with open(os.path.join(folder, name)) as f:
+        records.append(json.load(f))
+  order = list(ARMS)
+  return sorted(records, key=lambda r: (order.index(r["arm"]), r["seed"]))
+
+
+def write_outputs(out_dir, config, extra, records):
+  with open(os.path.join(out_dir, "results.json"), "w") as f:
+    json.dump({"config": config, "extra": extra, "runs": records}, f, indent=1)
+  with open(os.path.join(out_dir, "table.md"), "w") as f:
     f.write(table(records) + "\n")
-  plot_curves(records, args.out)
+  plot_curves(records, out_dir)
   print(table(records))
 
 
