@@ -61,12 +61,20 @@ def _chain_trajectory(denoise_fn, schedule, prior, cond, key, timesteps, clip):
   return y0, max_y, max_y0
 
 
-def _outputs(models, variables, images, key, timesteps, clip, num_samples):
-  """ŷ₀ [B, S, C], μ [B, C], DCG logits, per-step max|y_t| and max|ŷ₀| (over batch and samples)."""
+def _outputs(models, variables, images, key, timesteps, clip, num_samples, probe="none"):
+  """ŷ₀ [B, S, C], μ [B, C], DCG logits, per-step max|y_t| and max|ŷ₀| (over batch and samples).
+
+  probe: 'none'; 'shuffle_x' (ρ(x) of another image of the batch: does the head use x?);
+  'uniform_cond' (the conditioning input ŷ replaced by 1/C: does it use the guidance beyond μ?).
+  """
   logits, _ = models.guidance.apply(variables["guidance"], images, train=False)
   prior, cond = models_lib.stream_inputs(models, logits)["fused"]
   dvars = variables["denoiser"]
   feats = models.denoiser.apply(dvars, images, train=False, method=denoiser_lib.NoiseModel.encode)
+  if probe == "shuffle_x":
+    feats = jnp.roll(feats, 1, axis=0)
+  elif probe == "uniform_cond":
+    cond = jnp.full_like(cond, 1.0 / models.num_classes)
   denoise_fn = lambda y, c, t: models.denoiser.apply(dvars, feats, y, c, t, train=False,
                                                      method=denoiser_lib.NoiseModel.denoise)
   chain = functools.partial(_chain_trajectory, denoise_fn, models.schedule(), prior, cond,
@@ -76,8 +84,10 @@ def _outputs(models, variables, images, key, timesteps, clip, num_samples):
           "max_y": jnp.max(max_y, 0), "max_y0": jnp.max(max_y0, 0)}
 
 
-def _eps_mse_by_band(models, variables, images, labels, key, num_bands=5):
-  """ε-MSE of the fused stream per timestep band, on eval-mode BN. -> [bands] sums, counts."""
+def _eps_mse_by_band(models, variables, images, labels, key, bn_train=False):
+  """ε-MSE of the fused stream at 20 timesteps, BN in eval mode (or batch statistics).
+
+  Returns ([20] timesteps, [20, B] squared errors averaged over classes)."""
   T = models.num_timesteps
   logits, _ = models.guidance.apply(variables["guidance"], images, train=False)
   prior, cond = models_lib.stream_inputs(models, logits)["fused"]
@@ -90,16 +100,21 @@ def _eps_mse_by_band(models, variables, images, labels, key, num_bands=5):
     noise = jax.random.normal(jax.random.fold_in(key, t), y0.shape)
     tb = jnp.full(labels.shape, t)
     y_t = diffusion.q_sample(models.schedule(), y0, prior, tb, noise)
-    eps = models.denoiser.apply(dvars, feats, y_t, cond, tb, train=False,
-                                method=denoiser_lib.NoiseModel.denoise)
+    if bn_train:  # batch statistics instead of the running averages
+      eps, _ = models.denoiser.apply(dvars, feats, y_t, cond, tb, train=True,
+                                     method=denoiser_lib.NoiseModel.denoise,
+                                     mutable=["batch_stats"])
+    else:
+      eps = models.denoiser.apply(dvars, feats, y_t, cond, tb, train=False,
+                                  method=denoiser_lib.NoiseModel.denoise)
     return jnp.mean(jnp.square(eps - noise), axis=-1)  # [B]
 
   return ts, jax.vmap(at_t)(ts)  # [20], [20, B]
 
 
-def collect(models, variables, batches, key, timesteps, clip, num_samples):
+def collect(models, variables, batches, key, timesteps, clip, num_samples, probe="none"):
   run = jax.jit(functools.partial(_outputs, models, timesteps=timesteps, clip=clip,
-                                  num_samples=num_samples))
+                                  num_samples=num_samples, probe=probe))
   out = {"y0": [], "prior": [], "fused": [], "labels": [], "max_y": [], "max_y0": []}
   for i, batch in enumerate(batches):
     o = run(variables, batch["image"], jax.random.fold_in(key, i))
@@ -167,13 +182,25 @@ def main(argv):
       if split == "train" and ema:
         continue
       if split == "test":
-        ts_all, mse_all = [], []
-        for i, b in enumerate(batches):
-          ts, mse = jax.jit(functools.partial(_eps_mse_by_band, models))(
-              variables, b["image"], b["label"], jax.random.fold_in(key, i))
-          mse_all.append(np.asarray(mse)[:, b["mask"].astype(bool)])
-        report[f"{tag}_eps_mse_by_t"] = {int(t): float(v) for t, v in
-                                        zip(np.asarray(ts), np.concatenate(mse_all, 1).mean(1))}
+        for bn_train in (False, True):
+          mse_all = []
+          for i, b in enumerate(batches):
+            ts, mse = jax.jit(functools.partial(_eps_mse_by_band, models, bn_train=bn_train))(
+                variables, b["image"], b["label"], jax.random.fold_in(key, i))
+            mse_all.append(np.asarray(mse)[:, b["mask"].astype(bool)])
+          name = f"{tag}_eps_mse_by_t" + ("_bn_batch_stats" if bn_train else "")
+          report[name] = {int(t): float(v) for t, v in
+                          zip(np.asarray(ts), np.concatenate(mse_all, 1).mean(1))}
+          print(name, json.dumps({k: round(v, 3) for k, v in report[name].items()}), flush=True)
+        if not ema:
+          ts = diffusion.timestep_sequence("official_truncated", models.num_timesteps,
+                                           config.diffusion.test_timesteps)
+          for probe in ("shuffle_x", "uniform_cond"):
+            row = summarise(collect(models, variables, batches, key, ts, 0.0, _SAMPLES.value,
+                                    probe), c)
+            report[f"{tag}/{split}/probe_{probe}"] = row
+            print(f"{tag} {split} probe_{probe}: " + json.dumps(
+                {k: v for k, v in row.items() if not k.startswith("max_abs_y0_per")}), flush=True)
       T = models.num_timesteps
       samplers = [("official_truncated", config.diffusion.test_timesteps), ("full", T),
                   ("respaced", 10)]
