@@ -55,6 +55,7 @@ class Models(NamedTuple):
     mmd_weight: λ (0 when the ablation has no MMD).
     mmd_kernel: 'gaussian' or 'multi'.
     num_classes: C.
+    schedule_dtype: 'float32' (the official tables, bit for bit) or 'float64'.
   """
 
   guidance: nn.Module
@@ -67,9 +68,11 @@ class Models(NamedTuple):
   mmd_weight: float
   mmd_kernel: str
   num_classes: int
+  schedule_dtype: str = "float32"
 
   def schedule(self) -> diffusion.Schedule:
-    return diffusion.linear_schedule(self.num_timesteps, self.beta_start, self.beta_end)
+    return diffusion.linear_schedule(self.num_timesteps, self.beta_start, self.beta_end,
+                                     self.schedule_dtype)
 
 
 def _choice(value, options, field):
@@ -126,7 +129,8 @@ def create_models(config: ml_collections.ConfigDict) -> Models:
   return Models(guidance, noise_model, int(d.timesteps), float(d.beta_start), float(d.beta_end),
                 _choice(d.prior, PRIORS, "diffusion.prior"), m.conditioning,
                 mmd_weight,
-                _choice(d.mmd_kernel, ("gaussian", "multi"), "diffusion.mmd_kernel"), num_classes)
+                _choice(d.mmd_kernel, ("gaussian", "multi"), "diffusion.mmd_kernel"), num_classes,
+                _choice(d.schedule_dtype, diffusion.SCHEDULE_DTYPES, "diffusion.schedule_dtype"))
 
 
 def init_variables(models: Models, key, image_size: int, batch_size: int = 2):

@@ -21,6 +21,62 @@ def test_schedule_matches_reference_table(i, sqrt_ab, sqrt_1m_ab):
   assert float(s.betas[0]) == pytest.approx(1e-4) and float(s.betas[-1]) == pytest.approx(0.02)
 
 
+# The official float32 tables' bit patterns, produced once with torch 2.13.0+cpu (AVX-512 kernels;
+# AVX2 gives the same bits) by
+#   b = torch.linspace(1e-4, 0.02, T); a = 1.0 - b; ab = a.cumprod(dim=0)
+#   x.numpy().view(np.uint32)[i]
+# for (T, table, i) below. tests/diffusion_test.py::test_float32_schedule_equals_live_torch
+# compares every entry again when torch is installed.
+TORCH_BITS = {
+    1000: {
+        "betas": {0: 0x38d1b717, 1: 0x38fb7d84, 2: 0x3912a1f8, 57: 0x3aa1ee56, 499: 0x3c247efb,
+                  500: 0x3c24d287, 998: 0x3ca3ad44, 999: 0x3ca3d70a},
+        "alphas": {0: 0x3f7ff972, 1: 0x3f7ff824, 2: 0x3f7ff6d6, 57: 0x3f7faf09, 499: 0x3f7d6e04,
+                   500: 0x3f7d6cb6, 998: 0x3f7ae296, 999: 0x3f7ae148},
+        "alphas_cumprod": {0: 0x3f7ff972, 1: 0x3f7ff196, 2: 0x3f7fe86d, 57: 0x3f76456f,
+                           499: 0x3da0f258, 500: 0x3d9f53da, 998: 0x382cbac6, 999: 0x38294666},
+    },
+    10: {
+        "betas": {0: 0x38d1b717, 4: 0x3c128bb8, 5: 0x3c36c5ca, 9: 0x3ca3d70a},
+        "alphas": {0: 0x3f7ff972, 4: 0x3f7db5d1, 5: 0x3f7d24e9, 9: 0x3f7ae148},
+        "alphas_cumprod": {0: 0x3f7ff972, 4: 0x3f7a41eb, 5: 0x3f77773a, 9: 0x3f675b78},
+    },
+}
+
+
+def _bits(schedule, num_timesteps):
+  """{table: {i: uint32 bit pattern}} of the entries pinned in TORCH_BITS."""
+  return {name: {i: int(np.asarray(getattr(schedule, name)).view(np.uint32)[i]) for i in pins}
+          for name, pins in TORCH_BITS[num_timesteps].items()}
+
+
+@pytest.mark.parametrize("num_timesteps", sorted(TORCH_BITS))
+def test_float32_schedule_is_torchs_bit_for_bit(num_timesteps):
+  s = diffusion.linear_schedule(num_timesteps, 1e-4, 0.02)  # the default is float32
+  assert _bits(s, num_timesteps) == TORCH_BITS[num_timesteps]
+
+
+def test_float64_schedule_is_a_switch():
+  s64 = diffusion.linear_schedule(1000, dtype="float64")
+  assert _bits(s64, 1000) != TORCH_BITS[1000]
+  ab = np.cumprod(1.0 - np.linspace(1e-4, 0.02, 1000))
+  np.testing.assert_array_equal(s64.alphas_cumprod, ab.astype(np.float32))
+  with pytest.raises(ValueError, match="float64"):
+    diffusion.linear_schedule(10, dtype="float16")
+
+
+@pytest.mark.parametrize("num_timesteps,beta_start,beta_end", [
+    (1000, 1e-4, 0.02), (10, 1e-4, 0.02), (37, 1e-4, 0.02), (250, 8.5e-4, 0.012), (1, 1e-4, 0.02)])
+def test_float32_schedule_equals_live_torch(num_timesteps, beta_start, beta_end):
+  torch = pytest.importorskip("torch")
+  b = torch.linspace(beta_start, beta_end, num_timesteps)
+  a = 1.0 - b
+  expected = (b, a, a.cumprod(dim=0))
+  s = diffusion.linear_schedule(num_timesteps, beta_start, beta_end)
+  for ours, theirs in zip(s, expected):
+    np.testing.assert_array_equal(np.asarray(ours).view(np.uint32), theirs.numpy().view(np.uint32))
+
+
 def test_q_sample_first_and_last_index():
   s = diffusion.linear_schedule()
   y0 = jnp.array([[1.0, 0.0, 0.0]])
