@@ -168,6 +168,38 @@ def posterior_step(schedule: Schedule, y_t, prior_mean, eps_pred, t, t_prev, noi
   return mean + jnp.sqrt(variance) * noise, y0_pred
 
 
+# diffusion.prior: the prior mean μ of a stream from its guidance probabilities [B, C].
+PRIORS = {
+    "fused": lambda probs: probs,  # μ = softmax(y) of the stream (official)
+    "zero": jnp.zeros_like,  # μ = 0 (official --noise_prior)
+}
+# model.conditioning: the denoiser's conditioning ŷ, and its width in units of C.
+CONDITIONINGS = {"prior": 1, "dual": 2}
+
+
+def stream_inputs(prior: str, conditioning: str, logits: dict) -> dict:
+  """Prior mean μ and conditioning ŷ of each noising stream from the guidance logits.
+
+  Args:
+    prior: a `PRIORS` key ('fused': μ_s = softmax(y_s); 'zero': μ = 0).
+    conditioning: a `CONDITIONINGS` key ('prior': ŷ = softmax(y_s), official; 'dual':
+      [softmax(y_g), softmax(y_l)] for every stream, the paper).
+    logits: {'fused', 'global', 'local'}: [B, C] guidance logits.
+
+  Returns:
+    {stream: (μ [B, C], conditioning [B, C·width])} for streams 'fused', 'global', 'local'.
+  """
+  for value, options, name in ((prior, PRIORS, "prior"),
+                               (conditioning, CONDITIONINGS, "conditioning")):
+    if value not in options:
+      raise ValueError(f"unknown {name} {value!r}; choose from {sorted(options)}")
+  probs = {name: jax.nn.softmax(value.astype(jnp.float32), axis=-1)
+           for name, value in logits.items()}
+  dual = jnp.concatenate([probs["global"], probs["local"]], axis=-1)
+  return {name: (PRIORS[prior](p), dual if conditioning == "dual" else p)
+          for name, p in probs.items()}
+
+
 def timestep_sequence(sampler: str, num_timesteps: int, num_steps: int) -> tuple[int, ...]:
   """Descending schedule indices visited by the sampler, ending at 0.
 
