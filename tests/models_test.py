@@ -173,3 +173,14 @@ def test_schedule_dtype_switch_reaches_the_schedule(tiny_config):
   config.diffusion.schedule_dtype = "half"
   with pytest.raises(ValueError, match="diffusion.schedule_dtype"):
     models.create_models(config)
+
+
+@pytest.mark.parametrize("ablation,heads", [("basic", ["classifier"]), ("c1", ["classifier"]),
+                                            ("c2", ["dcg_fused", "dcg_global", "dcg_local"]),
+                                            ("full", ["dcg_fused", "dcg_global", "dcg_local"])])
+def test_models_carry_their_report_heads(tiny_config, ablation, heads):
+  config = tiny_config()
+  config.ablation = ablation
+  bundle = models.create_models(config)
+  assert [name for name, _ in bundle.guidance_heads] == heads
+  assert all(key in ("fused", "global", "local") for _, key in bundle.guidance_heads)
