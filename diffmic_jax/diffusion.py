@@ -24,13 +24,77 @@ class Schedule(NamedTuple):
     return self.betas.shape[0]
 
 
-def linear_schedule(num_timesteps: int = 1000, beta_start: float = 1e-4,
-                    beta_end: float = 0.02) -> Schedule:
-  """Linear β schedule, computed in float64 and stored as float32 (official: linear, 1e-4..0.02)."""
+def _fma32(a, b, c):
+  """float32 fused multiply-add a·b + c with a single rounding, elementwise (numpy).
+
+  The product of two float32 values is exact in float64; the float64 sum is made round-to-odd
+  (TwoSum error, then the next odd neighbour when inexact) so that the final rounding to float32
+  is the only one that counts (Boldo and Melquiond, 2008).
+  """
+  a, b, c = (np.asarray(x, np.float32).astype(np.float64) for x in (a, b, c))
+  product = a * b
+  total = product + c
+  shifted = total - product
+  err = (product - (total - shifted)) + (c - shifted)
+  inexact_even = (err != 0) & (total.view(np.int64) % 2 == 0)
+  total = np.where(inexact_even, np.nextafter(total, np.where(err > 0, np.inf, -np.inf)), total)
+  return total.astype(np.float32)
+
+
+def _torch_linspace_float32(start: float, end: float, steps: int) -> np.ndarray:
+  """torch.linspace(start, end, steps) in float32 on CPU, bit for bit. -> [steps] float32.
+
+  ATen's CPU kernel works in float32 from both ends: step = (end − start)/(steps − 1),
+  value_i = start + step·i for i < steps//2, else end − step·(steps − 1 − i); PyTorch's x86
+  builds (AVX2 and AVX-512 kernels) contract each of these to one fused multiply-add.
+  """
+  start32, end32 = np.float32(start), np.float32(end)
+  if steps == 1:
+    return np.array([start32])
+  step = np.float32(end32 - start32) / np.float32(steps - 1)
+  i = np.arange(steps)
+  low = i < steps // 2
+  count = np.where(low, i, steps - 1 - i).astype(np.float32)
+  return _fma32(np.where(low, step, -step), count, np.where(low, start32, end32))
+
+
+def _float32_tables(num_timesteps, beta_start, beta_end):
+  """The official tables: torch.linspace β, α = 1 − β and ᾱ = cumprod(α), all float32.
+
+  torch's CPU cumprod multiplies in float64 and rounds each prefix product to float32.
+  """
+  betas = _torch_linspace_float32(beta_start, beta_end, num_timesteps)
+  alphas = np.float32(1.0) - betas
+  return betas, alphas, np.cumprod(alphas.astype(np.float64)).astype(np.float32)
+
+
+def _float64_tables(num_timesteps, beta_start, beta_end):
+  """β, α and ᾱ computed in float64 (rounded to float32 only when stored)."""
   betas = np.linspace(beta_start, beta_end, num_timesteps, dtype=np.float64)
   alphas = 1.0 - betas
-  alphas_cumprod = np.cumprod(alphas)
-  return Schedule(*(jnp.asarray(a, jnp.float32) for a in (betas, alphas, alphas_cumprod)))
+  return betas, alphas, np.cumprod(alphas)
+
+
+# diffusion.schedule_dtype: the precision the tables are built in (they are stored as float32).
+SCHEDULE_DTYPES = {"float32": _float32_tables, "float64": _float64_tables}
+
+
+def linear_schedule(num_timesteps: int = 1000, beta_start: float = 1e-4,
+                    beta_end: float = 0.02, dtype: str = "float32") -> Schedule:
+  """Linear β schedule (official: linear, 1e-4..0.02), stored as float32.
+
+  Args:
+    num_timesteps: T.
+    beta_start, beta_end: β_0 and β_{T−1}.
+    dtype: 'float32' builds β, α, ᾱ exactly as the official PyTorch code does (float32
+      torch.linspace, 1 − β and cumprod; bit for bit with torch on x86 CPUs); 'float64'
+      builds them in float64 and rounds once (1 − ᾱ_1 then differs by 2.7e-4 relative, and
+      the last reverse steps divide by it).
+  """
+  if dtype not in SCHEDULE_DTYPES:
+    raise ValueError(f"unknown schedule dtype {dtype!r}; choose from {sorted(SCHEDULE_DTYPES)}")
+  tables = SCHEDULE_DTYPES[dtype](num_timesteps, beta_start, beta_end)
+  return Schedule(*(jnp.asarray(a, jnp.float32) for a in tables))
 
 
 def _at(table, t):
@@ -110,6 +174,38 @@ def posterior_step(schedule: Schedule, y_t, prior_mean, eps_pred, t, t_prev, noi
   mean = gamma0 * y0_pred + gamma1 * y_t + gamma2 * prior_mean
   variance = (1.0 - ab_prev) / (1.0 - ab_t) * beta
   return mean + jnp.sqrt(variance) * noise, y0_pred
+
+
+# diffusion.prior: the prior mean μ of a stream from its guidance probabilities [B, C].
+PRIORS = {
+    "fused": lambda probs: probs,  # μ = softmax(y) of the stream (official)
+    "zero": jnp.zeros_like,  # μ = 0 (official --noise_prior)
+}
+# model.conditioning: the denoiser's conditioning ŷ, and its width in units of C.
+CONDITIONINGS = {"prior": 1, "dual": 2}
+
+
+def stream_inputs(prior: str, conditioning: str, logits: dict) -> dict:
+  """Prior mean μ and conditioning ŷ of each noising stream from the guidance logits.
+
+  Args:
+    prior: a `PRIORS` key ('fused': μ_s = softmax(y_s); 'zero': μ = 0).
+    conditioning: a `CONDITIONINGS` key ('prior': ŷ = softmax(y_s), official; 'dual':
+      [softmax(y_g), softmax(y_l)] for every stream, the paper).
+    logits: {'fused', 'global', 'local'}: [B, C] guidance logits.
+
+  Returns:
+    {stream: (μ [B, C], conditioning [B, C·width])} for streams 'fused', 'global', 'local'.
+  """
+  for value, options, name in ((prior, PRIORS, "prior"),
+                               (conditioning, CONDITIONINGS, "conditioning")):
+    if value not in options:
+      raise ValueError(f"unknown {name} {value!r}; choose from {sorted(options)}")
+  probs = {name: jax.nn.softmax(value.astype(jnp.float32), axis=-1)
+           for name, value in logits.items()}
+  dual = jnp.concatenate([probs["global"], probs["local"]], axis=-1)
+  return {name: (PRIORS[prior](p), dual if conditioning == "dual" else p)
+          for name, p in probs.items()}
 
 
 def timestep_sequence(sampler: str, num_timesteps: int, num_steps: int) -> tuple[int, ...]:

@@ -3,8 +3,12 @@
 Shapes: B batch, C classes. Losses are means over the batch.
 """
 
+import jax
 import jax.numpy as jnp
 import optax
+
+from diffmic_jax import denoiser as denoiser_lib
+from diffmic_jax import diffusion
 
 
 def gaussian_kernel(a, b):
@@ -58,6 +62,43 @@ def diffusion_loss(noise, eps_fused, eps_global, eps_local, *, mmd_weight: float
   mmd_g = mmd(noise, eps_global, kernel)
   mmd_l = mmd(noise, eps_local, kernel)
   return mse + mmd_weight * (mmd_g + mmd_l), {"mse": mse, "mmd_global": mmd_g, "mmd_local": mmd_l}
+
+
+def diffusion_objective(models, params, batch_stats, images, labels, logits, key):
+  """The official objective (§5.4): three noising streams sharing ε and t, ρ(x) computed once.
+
+  Args:
+    models: the `models.Models` bundle (denoiser, schedule, prior/conditioning, MMD settings).
+    params, batch_stats: the denoiser's variables (differentiated with respect to params).
+    images: [B, H, W, 3]; labels: [B] int.
+    logits: {'fused', 'global', 'local'}: [B, C] eval-mode guidance logits (not differentiated).
+    key: PRNG key of ε and t.
+
+  Returns:
+    (loss [], (updated batch_stats, {'mse', 'mmd_global', 'mmd_local'})).
+  """
+  schedule = models.schedule()
+  key_noise, key_t = jax.random.split(key)
+  noise = jax.random.normal(key_noise, logits["fused"].shape, jnp.float32)
+  t = diffusion.antithetic_timesteps(key_t, labels.shape[0], models.num_timesteps)
+  y0 = jax.nn.one_hot(labels, models.num_classes, dtype=jnp.float32)
+  inputs = diffusion.stream_inputs(models.prior, models.conditioning,
+                                   jax.lax.stop_gradient(logits))
+  streams = ("fused", "global", "local") if models.mmd_weight > 0 else ("fused",)
+  apply = lambda stats, *args, method: models.denoiser.apply(
+      {"params": params, "batch_stats": stats}, *args, train=True, method=method,
+      mutable=["batch_stats"])
+  features, updated = apply(batch_stats, images, method=denoiser_lib.NoiseModel.encode)
+  stats, eps = updated["batch_stats"], {}
+  for stream in streams:  # three distinct streams; each updates BN running stats in turn.
+    prior_mean, conditioning = inputs[stream]
+    y_t = diffusion.q_sample(schedule, y0, prior_mean, t, noise)
+    eps[stream], updated = apply(stats, features, y_t, conditioning, t,
+                                 method=denoiser_lib.NoiseModel.denoise)
+    stats = updated["batch_stats"]
+  loss, aux = diffusion_loss(noise, eps["fused"], eps.get("global"), eps.get("local"),
+                             mmd_weight=models.mmd_weight, kernel=models.mmd_kernel)
+  return loss, (stats, aux)
 
 
 def cross_entropy(logits, labels):

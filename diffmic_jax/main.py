@@ -16,7 +16,7 @@ from absl import flags
 from absl import logging
 from ml_collections import config_flags
 
-from diffmic_jax import fast_conv
+from diffmic_jax import host
 from diffmic_jax import summary
 from diffmic_jax import train
 
@@ -70,7 +70,7 @@ def main(argv) -> None:
   # Before the first JAX computation: keep XLA's large CPU buffers in the allocator instead of
   # unmapping and page-faulting them every call (7% faster paper-config inference here; see
   # experiments/README.md). Only glibc's allocator settings change; harmless elsewhere.
-  fast_conv.tune_cpu_malloc()
+  host.tune_cpu_malloc()
   _enable_compilation_cache()
   try:
     _run(argv)

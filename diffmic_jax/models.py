@@ -28,8 +28,13 @@ ABLATIONS = {
     "c2": {"guidance": "dcg", "diffusion": True, "mmd": False},
     "full": {"guidance": "dcg", "diffusion": True, "mmd": True},
 }
-PRIORS = ("fused", "zero")
-CONDITIONINGS = {"prior": 1, "dual": 2}
+PRIORS = diffusion.PRIORS
+CONDITIONINGS = diffusion.CONDITIONINGS
+# The guidance heads each guidance model reports, as {report name: logits key} pairs.
+GUIDANCE_HEADS = {
+    "dcg": (("dcg_fused", "fused"), ("dcg_global", "global"), ("dcg_local", "local")),
+    "classifier": (("classifier", "fused"),),  # its three logits are one classifier's
+}
 
 
 class Classifier(nn.Module):
@@ -58,6 +63,8 @@ class Models(NamedTuple):
     mmd_weight: λ (0 when the ablation has no MMD).
     mmd_kernel: 'gaussian' or 'multi'.
     num_classes: C.
+    schedule_dtype: 'float32' (the official tables, bit for bit) or 'float64'.
+    guidance_heads: ((report name, logits key), ...) of the guidance model (`GUIDANCE_HEADS`).
     clip_y0: bound on ŷ₀ inside the reverse chain (0 = off, the official behaviour).
   """
 
@@ -71,10 +78,13 @@ class Models(NamedTuple):
   mmd_weight: float
   mmd_kernel: str
   num_classes: int
+  schedule_dtype: str = "float32"
+  guidance_heads: tuple = GUIDANCE_HEADS["dcg"]
   clip_y0: float = 0.0
 
   def schedule(self) -> diffusion.Schedule:
-    return diffusion.linear_schedule(self.num_timesteps, self.beta_start, self.beta_end)
+    return diffusion.linear_schedule(self.num_timesteps, self.beta_start, self.beta_end,
+                                     self.schedule_dtype)
 
 
 def _choice(value, options, field):
@@ -132,7 +142,8 @@ def create_models(config: ml_collections.ConfigDict) -> Models:
                 _choice(d.prior, PRIORS, "diffusion.prior"), m.conditioning,
                 mmd_weight,
                 _choice(d.mmd_kernel, ("gaussian", "multi"), "diffusion.mmd_kernel"), num_classes,
-                _clip_bound(d.clip_y0))
+                _choice(d.schedule_dtype, diffusion.SCHEDULE_DTYPES, "diffusion.schedule_dtype"),
+                GUIDANCE_HEADS[ablation["guidance"]], _clip_bound(d.clip_y0))
 
 
 def _clip_bound(value) -> float:
@@ -161,22 +172,5 @@ def count_parameters(params) -> int:
 
 
 def stream_inputs(models: Models, logits: dict) -> dict:
-  """Prior mean μ and conditioning ŷ of each noising stream from the guidance logits.
-
-  Args:
-    models: the bundle (its `prior` and `conditioning` switches).
-    logits: {'fused', 'global', 'local'}: [B, C] guidance logits.
-
-  Returns:
-    {stream: (μ [B, C], conditioning [B, C·width])} for streams 'fused', 'global', 'local':
-    μ_s = softmax(y_s) (or 0 with prior='zero'); the conditioning is softmax(y_s) (official)
-    or [softmax(y_g), softmax(y_l)] for every stream (conditioning='dual').
-  """
-  probs = {name: jax.nn.softmax(value.astype(jnp.float32), axis=-1)
-           for name, value in logits.items()}
-  dual = jnp.concatenate([probs["global"], probs["local"]], axis=-1)
-  out = {}
-  for name, p in probs.items():
-    mean = jnp.zeros_like(p) if models.prior == "zero" else p
-    out[name] = (mean, dual if models.conditioning == "dual" else p)
-  return out
+  """`diffusion.stream_inputs` with the bundle's prior and conditioning switches."""
+  return diffusion.stream_inputs(models.prior, models.conditioning, logits)

@@ -80,14 +80,6 @@ class ResNet(nn.Module):
   unbiased_running_var: bool = True
   conv_impl: str = "auto"
 
-  @property
-  def num_features(self) -> int:
-    return self.width * 2 ** (len(self.stage_sizes) - 1) * EXPANSION[self.block]
-
-  @property
-  def downsampling(self) -> int:
-    return 2 ** (len(self.stage_sizes) + 1)
-
   @nn.compact
   def __call__(self, x, train: bool):
     """Runs the trunk.

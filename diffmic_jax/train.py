@@ -19,8 +19,6 @@ import optax
 import tqdm
 
 from diffmic_jax import checkpointing
-from diffmic_jax import dcg
-from diffmic_jax import denoiser as denoiser_lib
 from diffmic_jax import diffusion
 from diffmic_jax import evaluate
 from diffmic_jax import input_pipeline
@@ -106,31 +104,6 @@ def _guidance_update(models, tx, loss_terms, variables, opt_state, images, label
           {"dcg_loss": loss, "dcg_accuracy": accuracy})
 
 
-def _diffusion_loss(models, params, batch_stats, images, labels, logits, key):
-  """Official objective (§5.4): three noising streams sharing ε and t, ρ(x) computed once."""
-  schedule = models.schedule()
-  key_noise, key_t = jax.random.split(key)
-  noise = jax.random.normal(key_noise, logits["fused"].shape, jnp.float32)
-  t = diffusion.antithetic_timesteps(key_t, labels.shape[0], models.num_timesteps)
-  y0 = jax.nn.one_hot(labels, models.num_classes, dtype=jnp.float32)
-  inputs = models_lib.stream_inputs(models, jax.lax.stop_gradient(logits))
-  streams = ("fused", "global", "local") if models.mmd_weight > 0 else ("fused",)
-  apply = lambda stats, *args, method: models.denoiser.apply(
-      {"params": params, "batch_stats": stats}, *args, train=True, method=method,
-      mutable=["batch_stats"])
-  features, updated = apply(batch_stats, images, method=denoiser_lib.NoiseModel.encode)
-  stats, eps = updated["batch_stats"], {}
-  for stream in streams:  # three distinct streams; each updates BN running stats in turn.
-    prior_mean, conditioning = inputs[stream]
-    y_t = diffusion.q_sample(schedule, y0, prior_mean, t, noise)
-    eps[stream], updated = apply(stats, features, y_t, conditioning, t,
-                                 method=denoiser_lib.NoiseModel.denoise)
-    stats = updated["batch_stats"]
-  loss, aux = losses.diffusion_loss(noise, eps["fused"], eps.get("global"), eps.get("local"),
-                                    mmd_weight=models.mmd_weight, kernel=models.mmd_kernel)
-  return loss, (stats, aux)
-
-
 def make_train_steps(models, config, guidance_tx, denoiser_tx, lr_schedule, joint_start: int):
   """Returns {'warmup' | 'classifier' | 'joint': step(state, batch) -> (state, metrics)}."""
   loss_terms = config.guidance.loss
@@ -147,7 +120,7 @@ def make_train_steps(models, config, guidance_tx, denoiser_tx, lr_schedule, join
     key = jax.random.fold_in(state.key, state.step)
     logits, _ = models.guidance.apply(state.guidance, images, train=False)
     params = state.denoiser["params"]
-    grad_fn = jax.value_and_grad(_diffusion_loss, argnums=1, has_aux=True)
+    grad_fn = jax.value_and_grad(losses.diffusion_objective, argnums=1, has_aux=True)
     (loss, (stats, aux)), grads = grad_fn(models, params, state.denoiser["batch_stats"], images,
                                           labels, logits, key)
     updates, denoiser_opt = denoiser_tx.update(grads, state.denoiser_opt, params)
@@ -186,20 +159,19 @@ class _Run(NamedTuple):
   eval_key: jax.Array
 
 
-def _check_finite(history, workdir):
+def _check_finite(rows, workdir):
   """Raises naming the first step whose loss is not finite."""
-  for step, metrics in history:
+  for step, metrics in rows:
     for name, value in metrics.items():
       if not np.isfinite(value):
         raise FloatingPointError(f"non-finite {name}={value} at step {step}; the last good "
                                  f"checkpoint is kept in {workdir}/checkpoints")
 
 
-def _log_interval(history, pending, writer, bar):
+def _log_interval(pending, writer, bar):
   """Fetches the pending device metrics (one transfer), appends them to metrics.jsonl."""
   fetched = jax.device_get(pending)
   rows = [(step, {k: float(v) for k, v in m.items()}) for step, m in fetched]
-  history.extend(rows)
   for step, m in rows:
     writer.write(json.dumps({"step": step, **m}) + "\n")
   writer.flush()
@@ -230,7 +202,7 @@ def _eval_batches(run: _Run, source):
 
 def _score(models, predictions):
   return evaluate.score(predictions, models.num_classes, models.denoiser is not None,
-                        dcg=isinstance(models.guidance, dcg.DCG))
+                        dcg=models.guidance_heads == models_lib.GUIDANCE_HEADS["dcg"])
 
 
 def _save(run, kind, state, meta):
@@ -242,7 +214,7 @@ def run_stage(run: _Run, stage: Stage, step_fn, state, train_iter, meta, writer)
   cfg = run.config.training
   end = stage.start + stage.num_epochs * run.steps_per_epoch
   first = int(state.step)
-  history, pending, iter_state = [], [], meta["data_iter"]
+  pending, iter_state = [], meta["data_iter"]
   bar = tqdm.tqdm(total=end - stage.start, initial=first - stage.start, desc=stage.name,
                   unit="step", dynamic_ncols=True, disable=jax.process_index() != 0)
   # The previous stage's prefetcher read ahead; rewind to the last batch actually consumed.
@@ -258,8 +230,7 @@ def run_stage(run: _Run, stage: Stage, step_fn, state, train_iter, meta, writer)
     save = done % cfg.checkpoint_every_steps == 0 or done == end
     # Metrics are checked before every save, so a non-finite state is never checkpointed.
     if done % cfg.log_every_steps == 0 or epoch_end or save:
-      _log_interval(history, pending, writer, bar)
-      _check_finite(history[-len(pending):], run.workdir)
+      _check_finite(_log_interval(pending, writer, bar), run.workdir)
       pending = []
     meta = {**meta, "data_iter": iter_state, "stage": stage.name}
     if epoch_end and stage.validate:

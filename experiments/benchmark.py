@@ -54,7 +54,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from diffmic_jax import diffusion
-from diffmic_jax import fast_conv
+from diffmic_jax import host
 from diffmic_jax import models as models_lib
 from diffmic_jax import sampler
 from diffmic_jax import sharding
@@ -81,7 +81,7 @@ _MATMUL_SIZE = flags.DEFINE_integer("matmul-size", 4096, "Side of the peak-matmu
 _MATMUL_REPEATS = flags.DEFINE_integer("matmul-repeats", 6, "Best of N for the matmul probe.")
 _TUNE_MALLOC = flags.DEFINE_bool("tune-malloc", True,
                                  "CPU: keep glibc from unmapping XLA's big buffers after every "
-                                 "call (fast_conv.tune_cpu_malloc).")
+                                 "call (host.tune_cpu_malloc).")
 _FLOPS = flags.DEFINE_bool("flops", True, "Count FLOPs with XLA's cost analysis.")
 
 # Official PyTorch images/s on this kind of 2-core CPU (shared/spec/PERF_ANCHOR.md), paper
@@ -349,7 +349,7 @@ def main(argv):
   del argv
   config = _CONFIG.value
   if _TUNE_MALLOC.value:  # before the first JAX computation; harmless off CPU.
-    fast_conv.tune_cpu_malloc()
+    host.tune_cpu_malloc()
   if config.training.distributed:
     jax.distributed.initialize()
   batches = [int(b) for b in _BATCH.value]

@@ -9,7 +9,7 @@ Usage:
   python experiments/conv_benchmark.py                      # batch 32, 224 px
   python experiments/conv_benchmark.py --batch 8 --reps 3
   python experiments/conv_benchmark.py --layers none        # train step only
-  python experiments/conv_benchmark.py --malloc-tune        # fast_conv.tune_cpu_malloc
+  python experiments/conv_benchmark.py --malloc-tune        # host.tune_cpu_malloc
 """
 
 import argparse
@@ -18,6 +18,7 @@ import time
 
 # Must run before JAX creates its CPU thread pool, so before any array exists.
 from diffmic_jax import fast_conv
+from diffmic_jax import host
 
 _ARGS = None
 
@@ -35,7 +36,7 @@ def _parse_args(argv):
                  default="float32")
   p.add_argument("--impls", default="xla,im2col")
   p.add_argument("--malloc-tune", action="store_true",
-                 help="call fast_conv.tune_cpu_malloc() first (one arena, "
+                 help="call host.tune_cpu_malloc() first (one arena, "
                  "no mmap/trim of big blocks)")
   return p.parse_args(argv)
 
@@ -43,7 +44,7 @@ def _parse_args(argv):
 if __name__ == "__main__":
   _ARGS = _parse_args(sys.argv[1:])
   if _ARGS.malloc_tune:
-    fast_conv.tune_cpu_malloc()
+    host.tune_cpu_malloc()
 
 # pylint: disable=g-import-not-at-top,wrong-import-position
 import jax

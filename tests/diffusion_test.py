@@ -21,6 +21,62 @@ def test_schedule_matches_reference_table(i, sqrt_ab, sqrt_1m_ab):
   assert float(s.betas[0]) == pytest.approx(1e-4) and float(s.betas[-1]) == pytest.approx(0.02)
 
 
+# The official float32 tables' bit patterns, produced once with torch 2.13.0+cpu (AVX-512 kernels;
+# AVX2 gives the same bits) by
+#   b = torch.linspace(1e-4, 0.02, T); a = 1.0 - b; ab = a.cumprod(dim=0)
+#   x.numpy().view(np.uint32)[i]
+# for (T, table, i) below. tests/diffusion_test.py::test_float32_schedule_equals_live_torch
+# compares every entry again when torch is installed.
+TORCH_BITS = {
+    1000: {
+        "betas": {0: 0x38d1b717, 1: 0x38fb7d84, 2: 0x3912a1f8, 57: 0x3aa1ee56, 499: 0x3c247efb,
+                  500: 0x3c24d287, 998: 0x3ca3ad44, 999: 0x3ca3d70a},
+        "alphas": {0: 0x3f7ff972, 1: 0x3f7ff824, 2: 0x3f7ff6d6, 57: 0x3f7faf09, 499: 0x3f7d6e04,
+                   500: 0x3f7d6cb6, 998: 0x3f7ae296, 999: 0x3f7ae148},
+        "alphas_cumprod": {0: 0x3f7ff972, 1: 0x3f7ff196, 2: 0x3f7fe86d, 57: 0x3f76456f,
+                           499: 0x3da0f258, 500: 0x3d9f53da, 998: 0x382cbac6, 999: 0x38294666},
+    },
+    10: {
+        "betas": {0: 0x38d1b717, 4: 0x3c128bb8, 5: 0x3c36c5ca, 9: 0x3ca3d70a},
+        "alphas": {0: 0x3f7ff972, 4: 0x3f7db5d1, 5: 0x3f7d24e9, 9: 0x3f7ae148},
+        "alphas_cumprod": {0: 0x3f7ff972, 4: 0x3f7a41eb, 5: 0x3f77773a, 9: 0x3f675b78},
+    },
+}
+
+
+def _bits(schedule, num_timesteps):
+  """{table: {i: uint32 bit pattern}} of the entries pinned in TORCH_BITS."""
+  return {name: {i: int(np.asarray(getattr(schedule, name)).view(np.uint32)[i]) for i in pins}
+          for name, pins in TORCH_BITS[num_timesteps].items()}
+
+
+@pytest.mark.parametrize("num_timesteps", sorted(TORCH_BITS))
+def test_float32_schedule_is_torchs_bit_for_bit(num_timesteps):
+  s = diffusion.linear_schedule(num_timesteps, 1e-4, 0.02)  # the default is float32
+  assert _bits(s, num_timesteps) == TORCH_BITS[num_timesteps]
+
+
+def test_float64_schedule_is_a_switch():
+  s64 = diffusion.linear_schedule(1000, dtype="float64")
+  assert _bits(s64, 1000) != TORCH_BITS[1000]
+  ab = np.cumprod(1.0 - np.linspace(1e-4, 0.02, 1000))
+  np.testing.assert_array_equal(s64.alphas_cumprod, ab.astype(np.float32))
+  with pytest.raises(ValueError, match="float64"):
+    diffusion.linear_schedule(10, dtype="float16")
+
+
+@pytest.mark.parametrize("num_timesteps,beta_start,beta_end", [
+    (1000, 1e-4, 0.02), (10, 1e-4, 0.02), (37, 1e-4, 0.02), (250, 8.5e-4, 0.012), (1, 1e-4, 0.02)])
+def test_float32_schedule_equals_live_torch(num_timesteps, beta_start, beta_end):
+  torch = pytest.importorskip("torch")
+  b = torch.linspace(beta_start, beta_end, num_timesteps)
+  a = 1.0 - b
+  expected = (b, a, a.cumprod(dim=0))
+  s = diffusion.linear_schedule(num_timesteps, beta_start, beta_end)
+  for ours, theirs in zip(s, expected):
+    np.testing.assert_array_equal(np.asarray(ours).view(np.uint32), theirs.numpy().view(np.uint32))
+
+
 def test_q_sample_first_and_last_index():
   s = diffusion.linear_schedule()
   y0 = jnp.array([[1.0, 0.0, 0.0]])
@@ -39,24 +95,6 @@ def test_antithetic_timesteps_pair_up():
   t = np.asarray(diffusion.antithetic_timesteps(jax.random.PRNGKey(0), 7, 1000))
   assert t.shape == (7,) and t.min() >= 0 and t.max() <= 999
   np.testing.assert_array_equal(t[4:7], 999 - t[0:3])
-
-
-def test_posterior_step_matches_closed_form():
-  s = diffusion.linear_schedule(1000)
-  b, ab, al = (np.asarray(x, np.float64) for x in (s.betas, s.alphas_cumprod, s.alphas))
-  rng = np.random.default_rng(0)
-  y, mu, eps, z = (rng.normal(size=(2, 3)).astype(np.float32) for _ in range(4))
-  t = 57
-  out, y0_hat = diffusion.posterior_step(s, y, mu, eps, t, t - 1, z)
-  sab = np.sqrt(ab[t])
-  y0_ref = (y - (1 - sab) * mu - np.sqrt(1 - ab[t]) * eps) / sab
-  g0 = b[t] * np.sqrt(ab[t - 1]) / (1 - ab[t])
-  g1 = (1 - ab[t - 1]) * np.sqrt(al[t]) / (1 - ab[t])
-  g2 = 1 + (sab - 1) * (np.sqrt(al[t]) + np.sqrt(ab[t - 1])) / (1 - ab[t])
-  var = (1 - ab[t - 1]) / (1 - ab[t]) * b[t]
-  ref = g0 * y0_ref + g1 * y + g2 * mu + np.sqrt(var) * z
-  np.testing.assert_allclose(y0_hat, y0_ref, rtol=1e-4, atol=1e-5)
-  np.testing.assert_allclose(out, ref, rtol=1e-4, atol=1e-5)
 
 
 @pytest.mark.parametrize("name,steps,expected", [
@@ -113,3 +151,84 @@ def test_scan_equals_python_loop_and_keys_matter():
                              atol=1e-5)
   np.testing.assert_array_equal(fast(key), fast(key))
   assert not np.allclose(fast(key), fast(jax.random.PRNGKey(4)))
+
+
+def _posterior_reference(ab, t, t_prev, y_t, y0, mu):
+  """q(y_{t_prev} | y_t, y₀) with prior mean μ, float64, from the joint Gaussian of the forward
+  process (not from the γ coefficients): per class, y_s ~ N(√ᾱ_s·y₀ + (1 − √ᾱ_s)·μ, 1 − ᾱ_s)
+  and y_t = √(ᾱ_t/ᾱ_s)·y_s + (1 − √(ᾱ_t/ᾱ_s))·μ + √(1 − ᾱ_t/ᾱ_s)·ε', so
+  Cov(y_s, y_t) = √(ᾱ_t/ᾱ_s)·(1 − ᾱ_s), Var(y_t) = 1 − ᾱ_t, and conditioning gives
+  mean = m_s + Cov/Var(y_t)·(y_t − m_t), var = Var(y_s) − Cov²/Var(y_t). Returns (mean, var)."""
+  a_s, a_t = ab[t_prev], ab[t]
+  m_s = np.sqrt(a_s) * y0 + (1 - np.sqrt(a_s)) * mu
+  m_t = np.sqrt(a_t) * y0 + (1 - np.sqrt(a_t)) * mu
+  cov = np.sqrt(a_t / a_s) * (1 - a_s)
+  return m_s + cov / (1 - a_t) * (y_t - m_t), (1 - a_s) - cov**2 / (1 - a_t)
+
+
+def _y0_from_eps(ab, t, y_t, mu, eps):
+  """The y₀ that `q_sample` maps to y_t with noise eps (its definition inverted), float64."""
+  return (y_t - (1 - np.sqrt(ab[t])) * mu - np.sqrt(1 - ab[t]) * eps) / np.sqrt(ab[t])
+
+
+@pytest.mark.parametrize("t,t_prev", [(1, 0), (57, 56), (500, 499), (999, 998),
+                                      (999, 888), (100, 0), (57, 3)])
+def test_posterior_step_is_the_gaussian_posterior(t, t_prev):
+  s = diffusion.linear_schedule(1000)
+  ab = np.asarray(s.alphas_cumprod, np.float64)
+  rng = np.random.default_rng(t + t_prev)
+  y0 = np.eye(3)[[0, 2, 1, 1]] + 0.1 * rng.normal(size=(4, 3))  # near the one-hot simplex
+  mu = rng.dirichlet(np.ones(3), size=4)
+  noise, eps_error, z = (rng.normal(size=(4, 3)) for _ in range(3))
+  y_t = np.sqrt(ab[t]) * y0 + (1 - np.sqrt(ab[t])) * mu + np.sqrt(1 - ab[t]) * noise
+  eps = noise + 0.3 * eps_error  # an imperfect ε̂, so ŷ₀ ≠ y₀
+  y0_hat = _y0_from_eps(ab, t, y_t, mu, eps)
+  mean, var = _posterior_reference(ab, t, t_prev, y_t, y0_hat, mu)
+  f32 = lambda x: jnp.asarray(x, jnp.float32)
+  step = lambda noise: diffusion.posterior_step(s, f32(y_t), f32(mu), f32(eps), t, t_prev,
+                                                f32(noise))
+  out_mean, got_y0_hat = step(np.zeros_like(z))
+  out = step(z)[0]
+  # Float32 conditioning of the official formulas sets the tolerances: ŷ₀ divides by √ᾱ_t,
+  # recomputed from √(1 − ᾱ_t) in float32 (at t = 999, √ᾱ = 0.006, 2e-3 relative, and |ŷ₀|
+  # reaches 100 with this ε̂); at t = 1 the table's α_1 and ᾱ_1/ᾱ_0 differ by 3e-4 relative in β.
+  np.testing.assert_allclose(got_y0_hat, y0_hat, rtol=3e-3, atol=1e-5)
+  np.testing.assert_allclose(out_mean, mean, rtol=0, atol=2e-3 if t == 999 else 1e-4)
+  # The step's standard deviation, read off the noise response, is the posterior's.
+  np.testing.assert_allclose((np.asarray(out, np.float64) - out_mean) / z,
+                             np.broadcast_to(np.sqrt(var), z.shape), rtol=1e-3)
+
+
+def _numpy_chain(denoise_np, ab, mu, cond, ts, noises):
+  """The reverse chain in float64 from the independent posterior: y = μ + z₀, then for each
+  (t, t_prev) y ← mean + √var·z_t of q(y_{t_prev} | y, ŷ₀(ε̂)), and ŷ₀ at the last index."""
+  y = mu + noises[0]
+  for (t, t_prev), z in zip(zip(ts[:-1], ts[1:]), noises[1:]):
+    y0 = _y0_from_eps(ab, t, y, mu, denoise_np(y, cond, t))
+    mean, var = _posterior_reference(ab, t, t_prev, y, y0, mu)
+    y = mean + np.sqrt(var) * z
+  return _y0_from_eps(ab, ts[-1], y, mu, denoise_np(y, cond, ts[-1]))
+
+
+# Respaced steps (t_prev < t − 1) then consecutive ones down to 0; and the official truncation.
+@pytest.mark.parametrize("ts", [(300, 240, 180, 120, 60, 30, 10, 3, 2, 1, 0),
+                                diffusion.timestep_sequence("official_truncated", 1000, 12)])
+def test_chain_equals_float64_posterior_chain(ts):
+  s = diffusion.linear_schedule(1000)
+  ab = np.asarray(s.alphas_cumprod, np.float64)
+  rng = np.random.default_rng(1)
+  mu = rng.dirichlet(np.ones(4), size=3)
+  cond = rng.dirichlet(np.ones(4), size=3)
+  # A non-oracle ε_θ of y_t and t: every step's output moves the final ŷ₀.
+  denoise_np = lambda y, c, t: np.tanh(0.7 * y - c) * (1 + t / 1000)
+  denoise = lambda y, c, t: jnp.tanh(0.7 * y - c) * (1 + t / 1000)
+  key = jax.random.PRNGKey(7)
+  # run_chain's noise: z₀ from the first split key, z_t from fold_in(second key, t).
+  key_init, key_steps = jax.random.split(key)
+  noises = [jax.random.normal(key_init, mu.shape)] + [
+      jax.random.normal(jax.random.fold_in(key_steps, t), mu.shape) for t in ts[:-1]]
+  noises = [np.asarray(n, np.float64) for n in noises]
+  expected = _numpy_chain(denoise_np, ab, mu, cond, ts, noises)
+  got = sampler.run_chain(denoise, s, jnp.asarray(mu, jnp.float32), jnp.asarray(cond, jnp.float32),
+                          key, ts)
+  np.testing.assert_allclose(got, expected, rtol=1e-3, atol=1e-4)

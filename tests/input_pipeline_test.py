@@ -141,6 +141,27 @@ def test_shards_partition_each_global_batch():
   assert np.array_equal(np.concatenate([p["image"] for p in parts]), full["image"])
 
 
+def _check_rotation(seed):
+  """A white square rotated by the angle the rng draws: pixels well inside the rotated square
+  are white, pixels well outside are the black fill, for the counter-clockwise angle only."""
+  angle = np.deg2rad(np.random.default_rng(seed).uniform(-30.0, 30.0))  # augment's only draw
+  assert abs(angle) > np.deg2rad(5)  # the seeds are chosen so that the corners are filled
+  rotated = input_pipeline.augment(np.full((32, 32, 3), 255, np.uint8),
+                                   np.random.default_rng(seed), hflip=False, vflip=False,
+                                   rotation_degrees=30.0)
+  assert rotated.shape == (32, 32, 3) and rotated.dtype == np.uint8
+  y, x = np.mgrid[0:32, 0:32] + 0.5 - 16.0  # pixel centres about the image centre (y down)
+
+  def depth(theta):  # how far inside the source square each output pixel maps (px)
+    sx = x * np.cos(theta) - y * np.sin(theta)
+    sy = x * np.sin(theta) + y * np.cos(theta)
+    return 16.0 - np.maximum(np.abs(sx), np.abs(sy))
+
+  inside, outside = depth(angle) > 1.5, depth(angle) < -1.5
+  assert outside.sum() > 20 and np.all(rotated[inside] == 255) and np.all(rotated[outside] == 0)
+  assert not np.all(rotated[depth(-angle) < -1.5] == 0)  # the other direction does not fit
+
+
 def test_augment_flips_and_rotation_fill():
   image = np.full((32, 32, 3), 200, np.uint8)
   image[:, :4] = 10
@@ -149,11 +170,8 @@ def test_augment_flips_and_rotation_fill():
            for _ in range(200)]
   flipped = np.mean([f[0, -1, 0] == 10 for f in flips])
   assert 0.35 < flipped < 0.65
-  rotated = input_pipeline.augment(np.full((32, 32, 3), 255, np.uint8), rng, hflip=False,
-                                   vflip=False, rotation_degrees=30.0)
-  assert rotated.shape == (32, 32, 3) and rotated.dtype == np.uint8
-  if rotated[0, 0, 0] == 0 or rotated[-1, -1, 0] == 0:  # black fill in a rotated corner
-    assert rotated[16, 16, 0] == 255
+  _check_rotation(seed=3)  # -24.9 degrees
+  _check_rotation(seed=4)  # +26.6 degrees
   vflips = [input_pipeline.augment(image.transpose(1, 0, 2), rng, hflip=False, vflip=True,
                                    rotation_degrees=0.0)[-1, 0, 0] == 10 for _ in range(200)]
   assert 0.35 < np.mean(vflips) < 0.65

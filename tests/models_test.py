@@ -160,3 +160,27 @@ def test_stream_inputs_prior_and_conditioning_switches(tiny_config):
   np.testing.assert_allclose(cond, jnp.concatenate([jax.nn.softmax(logits["global"]),
                                                     jax.nn.softmax(logits["local"])], -1),
                              rtol=1e-6)
+
+
+def test_schedule_dtype_switch_reaches_the_schedule(tiny_config):
+  config = tiny_config()
+  official = models.create_models(config).schedule()
+  config.diffusion.schedule_dtype = "float64"
+  switched = models.create_models(config).schedule()
+  np.testing.assert_array_equal(
+      switched.alphas_cumprod, np.cumprod(1.0 - np.linspace(1e-4, 0.02, 10)).astype(np.float32))
+  assert not np.array_equal(official.alphas_cumprod, switched.alphas_cumprod)
+  config.diffusion.schedule_dtype = "half"
+  with pytest.raises(ValueError, match="diffusion.schedule_dtype"):
+    models.create_models(config)
+
+
+@pytest.mark.parametrize("ablation,heads", [("basic", ["classifier"]), ("c1", ["classifier"]),
+                                            ("c2", ["dcg_fused", "dcg_global", "dcg_local"]),
+                                            ("full", ["dcg_fused", "dcg_global", "dcg_local"])])
+def test_models_carry_their_report_heads(tiny_config, ablation, heads):
+  config = tiny_config()
+  config.ablation = ablation
+  bundle = models.create_models(config)
+  assert [name for name, _ in bundle.guidance_heads] == heads
+  assert all(key in ("fused", "global", "local") for _, key in bundle.guidance_heads)
