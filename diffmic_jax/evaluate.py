@@ -18,6 +18,10 @@ from diffmic_jax import sampler
 from diffmic_jax import sharding
 
 
+# Per-example outputs of `sampler.sample` that `predict` gathers besides the guidance logits.
+SAMPLE_KEYS = ("probs", "entropy")
+
+
 @functools.lru_cache(maxsize=8)
 def _sample_fn(models, sampler_name: str, num_steps: int, num_samples: int):
   # Cached so that every validation reuses one compiled sampler.
@@ -44,14 +48,15 @@ def predict(models, variables, batches, key, mesh, *, sampler_name: str, num_ste
     sampler_name, num_steps, num_samples: see `sampler.make_sample_fn`.
 
   Returns:
-    {'labels': [N], 'probs': [N, C], 'fused'/'global'/'local': [N, C] guidance logits}.
+    {'labels': [N], 'probs': [N, C], 'entropy': [N], 'fused'/'global'/'local': [N, C]
+    guidance logits}.
   """
   sample_fn = _sample_fn(models, sampler_name, num_steps, num_samples)
   outputs = []
   for i, batch in enumerate(sharding.prefetch(batches, mesh)):
     out = sample_fn(variables, batch["image"], jax.random.fold_in(key, i))
-    outputs.append({"labels": batch["label"], "mask": batch["mask"], "probs": out["probs"],
-                    **out["guidance_logits"]})
+    outputs.append({"labels": batch["label"], "mask": batch["mask"],
+                    **{k: out[k] for k in SAMPLE_KEYS}, **out["guidance_logits"]})
   if not outputs:
     raise ValueError("evaluation split is empty")
   gathered = multihost_utils.process_allgather(outputs, tiled=True)

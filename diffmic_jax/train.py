@@ -299,9 +299,14 @@ def _prepare(config, workdir):
   if steps_per_epoch < 1:
     raise ValueError(f"config.training.batch_size={global_batch} exceeds the {len(splits.train)} "
                      "training examples")
-  eval_key = jax.random.fold_in(jax.random.PRNGKey(config.seed), 0x0E7A1)
   checkpointer = checkpointing.Checkpointer(workdir, config.training.keep_checkpoints)
-  return _Run(config, workdir, models, splits, mesh, checkpointer, steps_per_epoch, eval_key)
+  return _Run(config, workdir, models, splits, mesh, checkpointer, steps_per_epoch,
+              eval_key(config))
+
+
+def eval_key(config) -> jax.Array:
+  """The PRNG key of evaluation and prediction (batch i uses fold_in(key, i)), from the seed."""
+  return jax.random.fold_in(jax.random.PRNGKey(config.seed), 0x0E7A1)
 
 
 def _validate_config(config):
