@@ -87,7 +87,11 @@ def get_config() -> ml_collections.ConfigDict:
   diffusion.sampler = "official_truncated"  # official_truncated | full | respaced.
   diffusion.val_sampler = "full"  # sampler used for validation during training (official: full).
   diffusion.val_timesteps = 1000  # N for validation with val_sampler (ignored by 'full').
-  diffusion.num_samples = 1  # samples per image; >1 averages softmax(y0) over samples.
+  diffusion.num_samples = 1  # samples per image in validation during training.
+  # S reverse samples per image for --mode eval and --mode predict: the probabilities average
+  # softmax(y0) over them, and their vote, agreement and y0 intervals are the uncertainty
+  # scores (1 = a single chain, no sample uncertainty). The chain costs S times more.
+  diffusion.predict_num_samples = 8
 
   # Denoiser optimiser, REFERENCE.md §6.
   config.optim = optim = ml_collections.ConfigDict()

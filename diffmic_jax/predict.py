@@ -130,13 +130,16 @@ def prediction_rows(paths, predictions: dict, names) -> tuple[list, list]:
   """(header, rows) of predictions.csv; see `predict_files`."""
   probs = predictions["probs"]
   dcg_probs = evaluate._softmax(predictions["fused"].astype(np.float64))  # pylint: disable=protected-access
-  header = (["path", "prediction"] + [f"p_{n}" for n in names]
-            + ["dcg_prediction", "dcg_probability", "entropy"])
+  votes = predictions["vote_probs"]
+  header = (["path", "prediction"] + [f"p_{n}" for n in names] + [f"vote_{n}" for n in names]
+            + ["entropy", "agreement", "interval_separated", "dcg_prediction", "dcg_probability"])
   rows = []
   for i, path in enumerate(paths):
     k, g = int(probs[i].argmax()), int(dcg_probs[i].argmax())
     rows.append([path, names[k]] + [f"{p:.6f}" for p in probs[i]]
-                + [names[g], f"{dcg_probs[i, g]:.6f}", f"{predictions['entropy'][i]:.6f}"])
+                + [f"{v:.6f}" for v in votes[i]]
+                + [f"{predictions['entropy'][i]:.6f}", f"{predictions['agreement'][i]:.6f}",
+                   int(predictions["interval_separated"][i]), names[g], f"{dcg_probs[i, g]:.6f}"])
   return header, rows
 
 
@@ -145,8 +148,11 @@ def predict_files(config, workdir: str, input_path: str, output_dir: str | None 
   """Classifies every image named by `input_path` and writes the results.
 
   Writes OUT/predictions.csv (one row per readable image, in input order: path, predicted
-  class name, per-class probabilities p_<class> (mean over samples of softmax(ŷ₀)), the DCG's
-  prediction and its softmax probability, and the uncertainty scores) and OUT/skipped.csv
+  class name, per-class probabilities p_<class> (mean over the S = diffusion.
+  predict_num_samples samples of softmax(ŷ₀), as --mode eval), the vote of the samples
+  vote_<class>, the uncertainty scores (predictive entropy, sample agreement, and
+  interval_separated: 1 when the predicted class's 95% interval of ŷ₀ lies above every other
+  class's), the DCG's prediction and its softmax probability) and OUT/skipped.csv
   (path, reason) for the files that could not be read.
 
   Args:
@@ -174,7 +180,7 @@ def predict_files(config, workdir: str, input_path: str, output_dir: str | None 
     batches = _batches(paths, config.data.image_size, batch_size, good, skipped, bar)
     predictions = _run(models, variables, batches, train.eval_key(config), mesh,
                        sampler_name=d.sampler, num_steps=d.test_timesteps,
-                       num_samples=d.num_samples)
+                       num_samples=d.predict_num_samples)
   os.makedirs(output_dir, exist_ok=True)
   with open(os.path.join(output_dir, "config.json"), "w") as f:
     f.write(config.to_json_best_effort(indent=2))
@@ -202,4 +208,5 @@ def _run(models, variables, batches, key, mesh, **kwargs):
 
 def _empty(num_classes: int) -> dict:
   zeros = np.zeros((0, num_classes))
-  return {"probs": zeros, "fused": zeros, "entropy": np.zeros(0)}
+  return {"probs": zeros, "fused": zeros, "vote_probs": zeros, "entropy": np.zeros(0),
+          "agreement": np.zeros(0), "interval_separated": np.zeros(0, bool)}

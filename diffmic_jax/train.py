@@ -321,6 +321,9 @@ def _validate_config(config):
   if config.guidance.pretrain_epochs < 0:
     raise ValueError("config.guidance.pretrain_epochs must be >= 0")
   d = config.diffusion
+  for field in ("num_samples", "predict_num_samples"):
+    if int(d[field]) < 1:
+      raise ValueError(f"config.diffusion.{field} must be >= 1, got {d[field]}")
   diffusion.timestep_sequence(d.sampler, d.timesteps, d.test_timesteps)
   diffusion.timestep_sequence(d.val_sampler, d.timesteps, min(d.val_timesteps, d.timesteps))
 
@@ -433,14 +436,19 @@ def evaluate_checkpoint(config, workdir: str, split: str = "test", checkpoint: s
   start = time.time()
   predictions = evaluate.predict(run.models, variables, batches, run.eval_key, run.mesh,
                                  sampler_name=d.sampler, num_steps=d.test_timesteps,
-                                 num_samples=d.num_samples)
+                                 num_samples=d.predict_num_samples)
   results = _score(run.models, predictions)
   extra = {"split": split, "checkpoint": kind, "step": int(state.step),
-           "sampler": d.sampler, "steps": d.test_timesteps, "num_samples": d.num_samples,
+           "sampler": d.sampler, "steps": d.test_timesteps,
+           "num_samples": d.predict_num_samples,
            "eval_with_ema": bool(config.optim.eval_with_ema), "seconds": time.time() - start}
   table = evaluate.write_report(results, run.splits.class_names, workdir, split, extra)
   evaluate.write_predictions(predictions, getattr(source, "ids", None), run.splits.class_names,
                              workdir, split)
+  if run.models.denoiser is not None:
+    report = evaluate.uncertainty_report(predictions, run.models.num_classes,
+                                         dcg=isinstance(run.models.guidance, dcg.DCG))
+    evaluate.write_uncertainty_report(report, workdir, split)
   print(f"\n{split} metrics (checkpoint {kind} at step {int(state.step)}, sampler {d.sampler}, "
         f"{d.test_timesteps} steps):\n{table}\n", flush=True)
   return results

@@ -76,6 +76,10 @@ def test_predict_folder_matches_eval_mode_and_lists_bad_files(trained, tiny_conf
     assert mine["dcg_prediction"] == names[int(theirs["dcg_fused_prediction"])]
     for name in names:
       assert mine[f"p_{name}"] == theirs[f"p_{name}"]
+    votes = [float(mine[f"vote_{n}"]) for n in names]
+    assert sum(votes) == pytest.approx(1.0) and float(mine["agreement"]) == max(votes)
+  for name in ("test_uncertainty.json", "test_defer.png", "test_reliability.png"):
+    assert os.path.exists(os.path.join(trained, "eval", name))
 
 
 def test_predict_csv_with_relative_missing_and_bad_paths(trained, tiny_config, tmp_path):
