@@ -114,5 +114,8 @@ def get_config() -> ml_collections.ConfigDict:
   training.checkpoint_every_steps = 1000  # also at the end of every stage.
   training.keep_checkpoints = 3  # latest K kept; the best-on-validation one is kept apart.
   training.log_every_steps = 50
+  # Evaluation explanations (eval/overlays/): the DCG's CAM and ROI boxes over this many test
+  # images, the most confidently wrong first; 0 writes none.
+  training.eval_overlays = 16
   training.distributed = False  # call jax.distributed.initialize() (multi-host).
   return config

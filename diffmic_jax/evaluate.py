@@ -13,6 +13,7 @@ import jax
 import numpy as np
 from jax.experimental import multihost_utils
 
+from diffmic_jax import explain
 from diffmic_jax import metrics
 from diffmic_jax import sampler
 from diffmic_jax import sharding
@@ -163,3 +164,32 @@ def write_uncertainty_report(report: dict, workdir: str, split: str) -> None:
   metrics.save_reliability_png(report["calibration"],
                                os.path.join(out_dir, f"{split}_reliability.png"),
                                f"{split}: reliability")
+
+
+def write_overlays(models, variables, source, predictions: dict, ids, class_names,
+                   workdir: str, split: str, num: int, batch_size: int) -> list[str]:
+  """Explanation PNGs (`explain`) of `num` examples of the split, the most confidently wrong
+  first, in DIR/eval/overlays/<split>_<rank>_<id>[_wrong].png. Nothing without a DCG.
+
+  Returns:
+    the paths written.
+  """
+  crop_size = getattr(models.guidance, "crop_size", None)
+  if jax.process_index() != 0 or num <= 0 or crop_size is None:
+    return []
+  labels = predictions["labels"]
+  chosen = explain.select_examples(predictions, labels, num)
+  images = np.stack([np.asarray(source[i]["image"]) for i in chosen])
+  auxes = explain.explanation_aux(models, variables, images, batch_size)
+  out_dir = os.path.join(workdir, "eval", "overlays")
+  os.makedirs(out_dir, exist_ok=True)
+  ids = list(ids) if ids is not None else [str(i) for i in range(len(labels))]
+  paths = []
+  for rank, (i, image, aux) in enumerate(zip(chosen, images, auxes)):
+    k = int(predictions["probs"][i].argmax())
+    tag = "_wrong" if k != int(labels[i]) else ""
+    path = os.path.join(out_dir, f"{split}_{rank:03d}_{ids[i]}{tag}.png")
+    explain.save_overlay(path, image, aux, class_index=k, crop_size=crop_size,
+                         title=explain.title(class_names, predictions, i, labels[i]))
+    paths.append(path)
+  return paths

@@ -34,6 +34,8 @@ _INPUT = flags.DEFINE_string("input", None, "--mode predict: an image, a folder 
                              "a CSV with a 'path' column.")
 _OUTPUT = flags.DEFINE_string("output", None, "--mode predict: output folder "
                               "(default WORKDIR/predict).")
+_OVERLAYS = flags.DEFINE_bool("overlays", False, "--mode predict: write an explanation PNG "
+                               "(CAM, ROI boxes, attention) per image to OUTPUT/overlays.")
 _SPLIT = flags.DEFINE_enum("split", "test", ["test", "val", "train"], "--mode eval: split.")
 
 # Errors a user can fix (a bad config value, a missing file or checkpoint): one clear line and
@@ -61,7 +63,8 @@ def _run(argv) -> None:
   if _MODE.value == "predict":
     if not _INPUT.value:
       raise ValueError("--mode predict needs --input PATH (an image, a folder or a CSV)")
-    predict.predict_files(config, workdir, _INPUT.value, _OUTPUT.value, _CHECKPOINT.value)
+    predict.predict_files(config, workdir, _INPUT.value, _OUTPUT.value, _CHECKPOINT.value,
+                          overlays=_OVERLAYS.value)
     return
   os.makedirs(workdir, exist_ok=True)
   logging.info("devices: %s", jax.devices())

@@ -21,6 +21,7 @@ import numpy as np
 import tqdm
 
 from diffmic_jax import evaluate
+from diffmic_jax import explain
 from diffmic_jax import input_pipeline
 from diffmic_jax import sharding
 from diffmic_jax import train
@@ -144,7 +145,7 @@ def prediction_rows(paths, predictions: dict, names) -> tuple[list, list]:
 
 
 def predict_files(config, workdir: str, input_path: str, output_dir: str | None = None,
-                  checkpoint: str = "best") -> dict:
+                  checkpoint: str = "best", overlays: bool = False) -> dict:
   """Classifies every image named by `input_path` and writes the results.
 
   Writes OUT/predictions.csv (one row per readable image, in input order: path, predicted
@@ -161,6 +162,7 @@ def predict_files(config, workdir: str, input_path: str, output_dir: str | None 
     input_path: an image, a folder or a CSV with a `path` column (`find_inputs`).
     output_dir: OUT; default WORKDIR/predict.
     checkpoint: 'best', 'latest' or a step number.
+    overlays: also write OUT/overlays/<n>_<file name>.png for every image (`explain`).
 
   Returns:
     {'output_dir', 'num_predicted', 'num_skipped'}.
@@ -190,6 +192,9 @@ def predict_files(config, workdir: str, input_path: str, output_dir: str | None 
     header, rows = prediction_rows(good, predictions, names)
   _write_csv(os.path.join(output_dir, "predictions.csv"), header, rows)
   _write_csv(os.path.join(output_dir, "skipped.csv"), ["path", "reason"], skipped)
+  if overlays and predictions is not None:
+    write_overlays(models, variables, good, predictions, names, config.data.image_size,
+                   batch_size, os.path.join(output_dir, "overlays"))
   print(f"{len(good)} images classified, {len(skipped)} skipped; see {output_dir}/predictions.csv"
         + (f" and {output_dir}/skipped.csv" if skipped else ""), flush=True)
   return {"output_dir": output_dir, "num_predicted": len(good), "num_skipped": len(skipped)}
@@ -210,3 +215,27 @@ def _empty(num_classes: int) -> dict:
   zeros = np.zeros((0, num_classes))
   return {"probs": zeros, "fused": zeros, "vote_probs": zeros, "entropy": np.zeros(0),
           "agreement": np.zeros(0), "interval_separated": np.zeros(0, bool)}
+
+
+def write_overlays(models, variables, paths, predictions: dict, names, image_size: int,
+                   batch_size: int, out_dir: str) -> list[str]:
+  """One explanation PNG per image (`explain.save_overlay`), named <n>_<file name>.png with n
+  the row of predictions.csv; nothing for a model without a DCG. Returns the paths written."""
+  crop_size = getattr(models.guidance, "crop_size", None)
+  if crop_size is None:
+    print("--overlays: this model has no DCG (no CAM or ROIs); no overlays written")
+    return []
+  os.makedirs(out_dir, exist_ok=True)
+  written = []
+  for start in tqdm.trange(0, len(paths), batch_size, desc="overlays", unit="batch"):
+    chunk = paths[start:start + batch_size]
+    images = np.stack([load_image(p, image_size) for p in chunk])
+    for j, aux in enumerate(explain.explanation_aux(models, variables, images, batch_size)):
+      i = start + j
+      stem = os.path.splitext(os.path.basename(chunk[j]))[0]
+      path = os.path.join(out_dir, f"{i:05d}_{stem}.png")
+      explain.save_overlay(path, images[j], aux,
+                           class_index=int(predictions["probs"][i].argmax()),
+                           crop_size=crop_size, title=explain.title(names, predictions, i))
+      written.append(path)
+  return written

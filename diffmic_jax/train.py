@@ -449,6 +449,10 @@ def evaluate_checkpoint(config, workdir: str, split: str = "test", checkpoint: s
     report = evaluate.uncertainty_report(predictions, run.models.num_classes,
                                          dcg=isinstance(run.models.guidance, dcg.DCG))
     evaluate.write_uncertainty_report(report, workdir, split)
+  evaluate.write_overlays(run.models, variables, source, predictions, getattr(source, "ids", None),
+                          run.splits.class_names, workdir, split,
+                          num=config.training.eval_overlays,
+                          batch_size=config.training.eval_batch_size)
   print(f"\n{split} metrics (checkpoint {kind} at step {int(state.step)}, sampler {d.sampler}, "
         f"{d.test_timesteps} steps):\n{table}\n", flush=True)
   return results

@@ -60,7 +60,7 @@ def test_predict_folder_matches_eval_mode_and_lists_bad_files(trained, tiny_conf
   split, good = _test_split_folder(config, trained, tmp_path / "in")
   out = tmp_path / "out"
   proc = _main("--config", "configs/test.py", "--workdir", trained, "--mode", "predict",
-               "--input", str(tmp_path / "in"), "--output", str(out))
+               "--input", str(tmp_path / "in"), "--output", str(out), "--overlays")
   assert proc.returncode == 0, proc.stderr[-3000:]
   rows = _read(out / "predictions.csv")
   assert [r["path"] for r in rows] == good
@@ -80,6 +80,10 @@ def test_predict_folder_matches_eval_mode_and_lists_bad_files(trained, tiny_conf
     assert sum(votes) == pytest.approx(1.0) and float(mine["agreement"]) == max(votes)
   for name in ("test_uncertainty.json", "test_defer.png", "test_reliability.png"):
     assert os.path.exists(os.path.join(trained, "eval", name))
+  overlays = sorted(os.listdir(out / "overlays"))
+  assert len(overlays) == len(good) and overlays[0].startswith("00000_000_demo_")
+  # --mode eval explains training.eval_overlays test images (the whole tiny test split).
+  assert len(os.listdir(os.path.join(trained, "eval", "overlays"))) == len(split["test"])
 
 
 def test_predict_csv_with_relative_missing_and_bad_paths(trained, tiny_config, tmp_path):
