@@ -174,6 +174,7 @@ def predict_files(config, workdir: str, input_path: str, output_dir: str | None 
   output_dir = output_dir or os.path.join(workdir, "predict")
   models, variables = train.load_variables(config, workdir, checkpoint)
   mesh = sharding.make_mesh()
+  variables = sharding.replicate(variables, mesh)  # batches are sharded over the mesh
   batch_size = sharding.check_batch_size(config.training.eval_batch_size, mesh,
                                          "training.eval_batch_size")
   good, skipped = [], []
