@@ -136,3 +136,56 @@ def make_sample_fn(models, sampler: str, num_steps: int, num_samples: int = 1):
   """A jitted `(variables, images, key) -> sample(...)` for a named sampler and N steps."""
   timesteps = diffusion.timestep_sequence(sampler, models.num_timesteps, num_steps)
   return jax.jit(functools.partial(sample, models, timesteps=timesteps, num_samples=num_samples))
+
+
+def run_chain_trajectory(denoise_fn, schedule, prior_mean, conditioning, key, timesteps):
+  """`run_chain` that also keeps every intermediate y_t (for plots of the reverse process).
+
+  Same arguments and the same noise as `run_chain` (same key, same ŷ₀); kept apart so that the
+  default path stores nothing per step.
+
+  Returns:
+    ([N, B, C] y at each of the N timesteps, the first being the initial μ + z, [B, C] ŷ₀).
+  """
+  ts = jnp.asarray(timesteps, jnp.int32)
+  key_init, key_steps = jax.random.split(key)
+  y = prior_mean + jax.random.normal(key_init, prior_mean.shape, prior_mean.dtype)
+
+  def step(y, t_pair):
+    t, t_prev = t_pair
+    noise = jax.random.normal(jax.random.fold_in(key_steps, t), y.shape, y.dtype)
+    eps = denoise_fn(y, conditioning, t)
+    y_prev, _ = diffusion.posterior_step(schedule, y, prior_mean, eps, t, t_prev, noise)
+    return y_prev, y
+
+  y, earlier = jax.lax.scan(step, y, (ts[:-1], ts[1:]))
+  eps = denoise_fn(y, conditioning, ts[-1])
+  trajectory = jnp.concatenate([earlier, y[None]], axis=0)
+  return trajectory, diffusion.predict_y0(schedule, y, prior_mean, eps, ts[-1])
+
+
+def sample_trajectory(models: models_lib.Models, variables, images, key, *, timesteps):
+  """One reverse chain per image with its intermediate states (the paper's Fig. 2).
+
+  Uses the key of the first chain of `sample(..., num_samples=1)`, so 'y0' equals that
+  call's ŷ₀.
+
+  Returns:
+    {'trajectory': [N, B, C] y_t at `timesteps` (from noise towards ŷ₀), 'y0': [B, C],
+     'prior_mean': [B, C] μ}.
+  """
+  if models.denoiser is None:
+    raise ValueError("sample_trajectory needs a diffusion model (ablation 'basic' has none)")
+  logits, _ = guidance_outputs(models, variables, images)
+  prior_mean, conditioning = models_lib.stream_inputs(models, logits)["fused"]
+  dvars = variables["denoiser"]
+  features = models.denoiser.apply(dvars, images, train=False,
+                                   method=denoiser_lib.NoiseModel.encode)
+
+  def denoise_fn(y, cond, t):
+    return models.denoiser.apply(dvars, features, y, cond, t, train=False,
+                                 method=denoiser_lib.NoiseModel.denoise)
+
+  trajectory, y0 = run_chain_trajectory(denoise_fn, models.schedule(), prior_mean, conditioning,
+                                        jax.random.split(key, 1)[0], timesteps)
+  return {"trajectory": trajectory, "y0": y0, "prior_mean": prior_mean}

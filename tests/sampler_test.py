@@ -58,3 +58,16 @@ def test_sampler_matches_official_per_step_encoder(tiny):
   chain_key = jax.random.split(key, 1)[0]
   slow = sampler.run_chain(official, bundle.schedule(), mu, cond, chain_key, ts)
   np.testing.assert_allclose(fast, slow, rtol=1e-4, atol=1e-4)
+
+
+def test_trajectory_ends_at_the_samplers_y0(tiny):
+  """The trajectory variant runs the same chain: its ŷ₀ is `sample`'s (S = 1, same key)."""
+  bundle, variables, images = tiny
+  ts = diffusion.timestep_sequence("respaced", bundle.num_timesteps, 4)
+  key = jax.random.PRNGKey(3)
+  out = sampler.sample_trajectory(bundle, variables, images, key, timesteps=ts)
+  assert out["trajectory"].shape == (len(ts), 3, 4)
+  reference = sampler.sample(bundle, variables, images, key, timesteps=ts)
+  np.testing.assert_allclose(out["y0"], reference["y0"][:, 0], rtol=1e-5, atol=1e-6)
+  # Between steps the states move (a constant trajectory would be no chain at all).
+  assert not np.allclose(out["trajectory"][0], out["trajectory"][-1])
