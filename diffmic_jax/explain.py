@@ -63,7 +63,8 @@ def overlay_figure(image, cam, roi_positions, attention, *, class_index: int, cr
   height, width = image.shape[:2]
   fig, (plain, ax) = plt.subplots(1, 2, figsize=(8, 4.4))
   plain.imshow(image)
-  plain.set(xticks=[], yticks=[], title="input")
+  plain.set(xticks=[], yticks=[])
+  plain.set_title("input", fontsize=8)
   ax.imshow(image)
   ax.imshow(class_map(cam, class_index), cmap="jet", alpha=0.4, extent=(0, width, height, 0),
             interpolation="bilinear", vmin=0, vmax=1)
@@ -75,9 +76,8 @@ def overlay_figure(image, cam, roi_positions, attention, *, class_index: int, cr
                                    linewidth=0.8 + 2.5 * a / max(strongest, 1e-12)))
     ax.text(x + 0.5, y + 0.5, f"{rank + 1}: {a:.2f}", color="black", fontsize=7, va="top",
             bbox=dict(facecolor="white", alpha=0.7, pad=0.5, linewidth=0))
-  ax.set(xlim=(0, width), ylim=(height, 0), xticks=[], yticks=[],
-         title="CAM of the predicted class; ROIs with attention")
-  ax.title.set_fontsize(8)
+  ax.set(xlim=(0, width), ylim=(height, 0), xticks=[], yticks=[])
+  ax.set_title("CAM of the predicted class; ROIs with attention", fontsize=8)
   fig.suptitle(title, fontsize=9)
   fig.tight_layout()
   return fig
