@@ -112,3 +112,13 @@ def test_predict_bad_input_is_a_user_error(trained, tiny_config, tmp_path):
   with pytest.raises(FileNotFoundError, match="no such file or folder"):
     predict.predict_files(tiny_config(), trained, str(tmp_path / "nothing"))
   assert not (tmp_path / "out").exists()
+
+
+def test_predict_with_no_readable_file_writes_empty_results(trained, tiny_config, tmp_path):
+  (tmp_path / "in").mkdir()
+  (tmp_path / "in" / "notes.txt").write_text("not an image")
+  result = predict.predict_files(tiny_config(), trained, str(tmp_path / "in"),
+                                 str(tmp_path / "out"), overlays=True)
+  assert result["num_predicted"] == 0 and result["num_skipped"] == 1
+  assert _read(tmp_path / "out" / "predictions.csv") == []
+  assert len(_read(tmp_path / "out" / "skipped.csv")) == 1
