@@ -11,6 +11,7 @@ import os
 
 import jax
 import numpy as np
+from scipy import special
 
 from diffmic_jax import input_pipeline
 from diffmic_jax import sampler
@@ -98,8 +99,7 @@ def save_overlay(path: str, image, aux: dict, *, class_index: int, crop_size: in
 def title(names, predictions: dict, i: int, label: int | None = None) -> str:
   """'<class> (votes 0.88, entropy 0.41; DCG <class> 0.97)' [+ 'true <class>'] of example i."""
   k = int(predictions["probs"][i].argmax())
-  dcg = np.exp(predictions["fused"][i] - predictions["fused"][i].max())
-  dcg = dcg / dcg.sum()
+  dcg = special.softmax(np.asarray(predictions["fused"][i], np.float64))
   text = (f"{names[k]} (votes {predictions['vote_probs'][i][k]:.2f}, entropy "
           f"{predictions['entropy'][i]:.2f}; DCG {names[int(dcg.argmax())]} {dcg.max():.2f})")
   return text if label is None else f"{text}\ntrue: {names[int(label)]}"

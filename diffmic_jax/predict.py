@@ -19,6 +19,7 @@ from typing import Iterator
 
 import numpy as np
 import tqdm
+from scipy import special
 
 from diffmic_jax import evaluate
 from diffmic_jax import explain
@@ -130,7 +131,7 @@ def _write_csv(path: str, header: list, rows) -> None:
 def prediction_rows(paths, predictions: dict, names) -> tuple[list, list]:
   """(header, rows) of predictions.csv; see `predict_files`."""
   probs = predictions["probs"]
-  dcg_probs = evaluate._softmax(predictions["fused"].astype(np.float64))  # pylint: disable=protected-access
+  dcg_probs = special.softmax(predictions["fused"].astype(np.float64), axis=1)
   votes = predictions["vote_probs"]
   header = (["path", "prediction"] + [f"p_{n}" for n in names] + [f"vote_{n}" for n in names]
             + ["entropy", "agreement", "interval_separated", "dcg_prediction", "dcg_probability"])

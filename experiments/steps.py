@@ -65,7 +65,8 @@ def measure(models, variables, batches, key, mesh, num_classes, *, sampler_name,
             num_samples, repeats: int = 1) -> dict:
   """Accuracy, macro-F1 and images/s of one sampler setting over a split."""
   # Compile first (evaluate.predict reuses this cached jitted sampler), then time a full pass.
-  sample_fn = evaluate._sample_fn(models, sampler_name, num_steps, num_samples)  # pylint: disable=protected-access
+  # pylint: disable-next=protected-access
+  sample_fn = evaluate._sample_fn(models, sampler_name, num_steps, num_samples)
   first = next(iter(batches))
   jax.block_until_ready(sample_fn(variables, sharding.put_batch(first, mesh)["image"], key))
   seconds = []
