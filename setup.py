@@ -24,6 +24,8 @@ setuptools.setup(
         "absl-py",
         # Classification metrics (F1, kappa, AUC) and the confusion-matrix plot.
         "scikit-learn>=1.3",
+        # softmax of logits on the host (predict, explanations); installed with scikit-learn.
+        "scipy>=1.10",
         "matplotlib>=3.7",
         # Progress bar with ETA during training.
         "tqdm",

@@ -90,7 +90,11 @@ def get_config() -> ml_collections.ConfigDict:
   diffusion.sampler = "official_truncated"  # official_truncated | full | respaced.
   diffusion.val_sampler = "full"  # sampler used for validation during training (official: full).
   diffusion.val_timesteps = 1000  # N for validation with val_sampler (ignored by 'full').
-  diffusion.num_samples = 1  # samples per image; >1 averages softmax(y0) over samples.
+  diffusion.num_samples = 1  # samples per image in validation during training.
+  # S reverse samples per image for --mode eval and --mode predict: the probabilities average
+  # softmax(y0) over them, and their vote, agreement and y0 intervals are the uncertainty
+  # scores (1 = a single chain, no sample uncertainty). The chain costs S times more.
+  diffusion.predict_num_samples = 8
   # Bound on y0_hat inside the reverse chain, as DDPM's clip_denoised ([-clip, clip]; one-hot
   # labels live in [0, 1]); 0 = off (official). Stops an untrained chain from diverging.
   diffusion.clip_y0 = 0.0
@@ -119,5 +123,8 @@ def get_config() -> ml_collections.ConfigDict:
   training.checkpoint_every_steps = 1000  # also at the end of every stage.
   training.keep_checkpoints = 3  # latest K kept; the best-on-validation one is kept apart.
   training.log_every_steps = 50
+  # Evaluation explanations (eval/overlays/): the DCG's CAM and ROI boxes over this many test
+  # images, the most confidently wrong first; 0 writes none.
+  training.eval_overlays = 16
   training.distributed = False  # call jax.distributed.initialize() (multi-host).
   return config

@@ -13,9 +13,14 @@ import jax
 import numpy as np
 from jax.experimental import multihost_utils
 
+from diffmic_jax import explain
 from diffmic_jax import metrics
 from diffmic_jax import sampler
 from diffmic_jax import sharding
+
+
+# Per-example outputs of `sampler.sample` that `predict` gathers besides the guidance logits.
+SAMPLE_KEYS = ("probs", "entropy", "vote_probs", "agreement", "interval_separated")
 
 
 @functools.lru_cache(maxsize=8)
@@ -44,14 +49,16 @@ def predict(models, variables, batches, key, mesh, *, sampler_name: str, num_ste
     sampler_name, num_steps, num_samples: see `sampler.make_sample_fn`.
 
   Returns:
-    {'labels': [N], 'probs': [N, C], 'fused'/'global'/'local': [N, C] guidance logits}.
+    {'labels': [N], 'fused'/'global'/'local': [N, C] guidance logits, and the SAMPLE_KEYS of
+    `sampler.sample`: 'probs' [N, C], 'entropy' [N], 'vote_probs' [N, C], 'agreement' [N],
+    'interval_separated' [N]}.
   """
   sample_fn = _sample_fn(models, sampler_name, num_steps, num_samples)
   outputs = []
   for i, batch in enumerate(sharding.prefetch(batches, mesh)):
     out = sample_fn(variables, batch["image"], jax.random.fold_in(key, i))
-    outputs.append({"labels": batch["label"], "mask": batch["mask"], "probs": out["probs"],
-                    **out["guidance_logits"]})
+    outputs.append({"labels": batch["label"], "mask": batch["mask"],
+                    **{k: out[k] for k in SAMPLE_KEYS}, **out["guidance_logits"]})
   if not outputs:
     raise ValueError("evaluation split is empty")
   gathered = multihost_utils.process_allgather(outputs, tiled=True)
@@ -112,3 +119,77 @@ def write_predictions(predictions: dict, ids, class_names, workdir: str, split: 
       writer.writerow([ids[i], int(label), int(probs[i].argmax()), int(fused[i])]
                       + [f"{p:.6f}" for p in probs[i]])
   os.replace(path + ".tmp", path)
+
+
+def uncertainty_report(predictions: dict, num_classes: int, dcg: bool = True) -> dict:
+  """Defer-to-expert curves and reliability data of the diffusion head and the guidance heads.
+
+  Returns:
+    {'defer': {name: `metrics.defer_curve`}, 'calibration': {head: `metrics.reliability_curve`}}.
+    Defer curves score the diffusion head's predictions by its predictive entropy, by
+    1 − sample agreement and by 1 − the DCG's fused max softmax, and the DCG's own predictions
+    by 1 − their max softmax. Calibration covers the diffusion head's vote probabilities and
+    mean softmax, and the guidance heads' softmax.
+  """
+  labels = predictions["labels"]
+  preds = predictions["probs"].argmax(axis=1)
+  heads = ("fused", "global", "local") if dcg else ("fused",)
+  prefix = "dcg_" if dcg else "classifier_"
+  softmax = {h: _softmax(predictions[h].astype(np.float64)) for h in heads}
+  fused_confidence = softmax["fused"].max(axis=1)
+  scores = {"diffusion: entropy": predictions["entropy"],
+            "diffusion: 1 - agreement": 1.0 - predictions["agreement"],
+            f"diffusion: 1 - {prefix}fused max prob": 1.0 - fused_confidence}
+  defer = {name: metrics.defer_curve(score, preds, labels, num_classes)
+           for name, score in scores.items()}
+  defer[f"{prefix}fused: 1 - max prob"] = metrics.defer_curve(
+      1.0 - fused_confidence, softmax["fused"].argmax(axis=1), labels, num_classes)
+  calibration = {"diffusion (vote)": metrics.reliability_curve(predictions["vote_probs"], labels),
+                 "diffusion (mean softmax)": metrics.reliability_curve(predictions["probs"],
+                                                                        labels)}
+  for h in heads:
+    calibration[f"{prefix}{h}"] = metrics.reliability_curve(softmax[h], labels)
+  return {"defer": defer, "calibration": calibration}
+
+
+def write_uncertainty_report(report: dict, workdir: str, split: str) -> None:
+  """DIR/eval/<split>_uncertainty.json, <split>_defer.png and <split>_reliability.png."""
+  if jax.process_index() != 0:
+    return
+  out_dir = os.path.join(workdir, "eval")
+  os.makedirs(out_dir, exist_ok=True)
+  metrics.write_json(os.path.join(out_dir, f"{split}_uncertainty.json"), report)
+  metrics.save_defer_png(report["defer"], os.path.join(out_dir, f"{split}_defer.png"),
+                         f"{split}: refer the most uncertain cases")
+  metrics.save_reliability_png(report["calibration"],
+                               os.path.join(out_dir, f"{split}_reliability.png"),
+                               f"{split}: reliability")
+
+
+def write_overlays(models, variables, source, predictions: dict, ids, class_names,
+                   workdir: str, split: str, num: int, batch_size: int) -> list[str]:
+  """Explanation PNGs (`explain`) of `num` examples of the split, the most confidently wrong
+  first, in DIR/eval/overlays/<split>_<rank>_<id>[_wrong].png. Nothing without a DCG.
+
+  Returns:
+    the paths written.
+  """
+  crop_size = getattr(models.guidance, "crop_size", None)
+  if jax.process_index() != 0 or num <= 0 or crop_size is None:
+    return []
+  labels = predictions["labels"]
+  chosen = explain.select_examples(predictions, labels, num)
+  images = np.stack([np.asarray(source[i]["image"]) for i in chosen])
+  auxes = explain.explanation_aux(models, variables, images, batch_size)
+  out_dir = os.path.join(workdir, "eval", "overlays")
+  os.makedirs(out_dir, exist_ok=True)
+  ids = list(ids) if ids is not None else [str(i) for i in range(len(labels))]
+  paths = []
+  for rank, (i, image, aux) in enumerate(zip(chosen, images, auxes)):
+    k = int(predictions["probs"][i].argmax())
+    tag = "_wrong" if k != int(labels[i]) else ""
+    path = os.path.join(out_dir, f"{split}_{rank:03d}_{ids[i]}{tag}.png")
+    explain.save_overlay(path, image, aux, class_index=k, crop_size=crop_size,
+                         title=explain.title(class_names, predictions, i, labels[i]))
+    paths.append(path)
+  return paths

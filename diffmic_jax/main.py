@@ -4,6 +4,8 @@
   python -m diffmic_jax.main --config configs/demo.py --workdir runs/demo --mode eval \
       [--checkpoint best|latest|STEP] [--split test|val|train]
   python -m diffmic_jax.main --config configs/ham10000.py --mode summary
+  python -m diffmic_jax.main --config configs/demo.py --workdir runs/demo --mode predict \
+      --input PATH [--output OUT] [--checkpoint best|latest|STEP] [--overlays]
 """
 
 import json
@@ -17,15 +19,23 @@ from absl import logging
 from ml_collections import config_flags
 
 from diffmic_jax import host
+from diffmic_jax import predict
 from diffmic_jax import summary
 from diffmic_jax import train
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file.",
                                           lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and logs.")
-_MODE = flags.DEFINE_enum("mode", "train", ["train", "eval", "summary"], "What to run.")
+_MODE = flags.DEFINE_enum("mode", "train", ["train", "eval", "summary", "predict"],
+                          "What to run.")
 _CHECKPOINT = flags.DEFINE_string("checkpoint", "best",
-                                  "--mode eval: 'best', 'latest' or a step number.")
+                                  "--mode eval|predict: 'best', 'latest' or a step number.")
+_INPUT = flags.DEFINE_string("input", None, "--mode predict: an image, a folder (recursive) or "
+                             "a CSV with a 'path' column.")
+_OUTPUT = flags.DEFINE_string("output", None, "--mode predict: output folder "
+                              "(default WORKDIR/predict).")
+_OVERLAYS = flags.DEFINE_bool("overlays", False, "--mode predict: write an explanation PNG "
+                               "(CAM, ROI boxes, attention) per image to OUTPUT/overlays.")
 _SPLIT = flags.DEFINE_enum("split", "test", ["test", "val", "train"], "--mode eval: split.")
 
 # Errors a user can fix (a bad config value, a missing file or checkpoint): one clear line and
@@ -48,8 +58,14 @@ def _run(argv) -> None:
     print(json.dumps(summary.model_summary(config), indent=2))
     return
   if not _WORKDIR.value:
-    raise ValueError("--workdir is required for --mode train and --mode eval")
+    raise ValueError("--workdir is required for --mode train, eval and predict")
   workdir = _WORKDIR.value
+  if _MODE.value == "predict":
+    if not _INPUT.value:
+      raise ValueError("--mode predict needs --input PATH (an image, a folder or a CSV)")
+    predict.predict_files(config, workdir, _INPUT.value, _OUTPUT.value, _CHECKPOINT.value,
+                          overlays=_OVERLAYS.value)
+    return
   os.makedirs(workdir, exist_ok=True)
   logging.info("devices: %s", jax.devices())
   if jax.process_index() == 0:

@@ -116,3 +116,99 @@ def write_json(path: str, payload) -> None:
   with open(tmp, "w") as f:
     json.dump(payload, f, indent=2)
   os.replace(tmp, path)
+
+
+# ----------------------------------------------------------------------------- uncertainty
+
+
+DEFER_FRACTIONS = tuple(np.round(np.arange(0.0, 0.501, 0.05), 2))
+
+
+def defer_curve(uncertainty, preds, labels, num_classes: int,
+                fractions=DEFER_FRACTIONS) -> dict:
+  """Accuracy and macro-F1 of the cases kept when the most uncertain ones go to an expert.
+
+  Args:
+    uncertainty: [N] score, larger = less sure (ties keep the input order).
+    preds, labels: [N] predicted and true classes.
+    num_classes: C.
+    fractions: fractions of the N cases referred (the round(f·N) most uncertain).
+
+  Returns:
+    {'fraction': [F], 'num_kept': [F], 'accuracy': [F], 'f1_macro': [F]} (lists).
+  """
+  preds, labels = np.asarray(preds), np.asarray(labels)
+  order = np.argsort(-np.asarray(uncertainty, np.float64), kind="stable")
+  curve = {"fraction": [], "num_kept": [], "accuracy": [], "f1_macro": []}
+  for fraction in fractions:
+    kept = order[int(round(fraction * len(order))):]
+    curve["fraction"].append(float(fraction))
+    curve["num_kept"].append(int(len(kept)))
+    curve["accuracy"].append(float(np.mean(preds[kept] == labels[kept])) if len(kept) else None)
+    curve["f1_macro"].append(float(skm.f1_score(
+        labels[kept], preds[kept], labels=list(range(num_classes)), average="macro",
+        zero_division=0)) if len(kept) else None)
+  return curve
+
+
+def reliability_curve(probs, labels, num_bins: int = 15) -> dict:
+  """Reliability diagram data (scikit-learn's calibration_curve on confidence vs correctness).
+
+  Args:
+    probs: [N, C] class probabilities; the confidence is the largest.
+    labels: [N].
+    num_bins: equal-width confidence bins, as `expected_calibration_error`.
+
+  Returns:
+    {'confidence': mean confidence of each non-empty bin, 'accuracy': its accuracy,
+     'ece': expected calibration error}.
+  """
+  from sklearn import calibration  # pylint: disable=g-import-not-at-top
+  probs = np.asarray(probs, np.float64)
+  correct = (probs.argmax(axis=1) == np.asarray(labels)).astype(np.float64)
+  accuracy, confidence = calibration.calibration_curve(correct, probs.max(axis=1),
+                                                       n_bins=num_bins, strategy="uniform")
+  return {"confidence": confidence.tolist(), "accuracy": accuracy.tolist(),
+          "ece": expected_calibration_error(probs, labels, num_bins)}
+
+
+def _pyplot():
+  import matplotlib  # pylint: disable=g-import-not-at-top
+  matplotlib.use("Agg")
+  from matplotlib import pyplot as plt  # pylint: disable=g-import-not-at-top
+  return plt
+
+
+def save_defer_png(curves: dict, path: str, title: str) -> None:
+  """Accuracy and macro-F1 against the referred fraction, one line per score."""
+  plt = _pyplot()
+  fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+  for name, curve in curves.items():
+    for ax, key in zip(axes, ("accuracy", "f1_macro")):
+      ax.plot(curve["fraction"], curve[key], marker="o", markersize=3, label=name)
+  for ax, key in zip(axes, ("accuracy", "macro F1")):
+    ax.set_xlabel("fraction referred to an expert (most uncertain first)")
+    ax.set_ylabel(f"{key} of the kept cases")
+    ax.grid(alpha=0.3)
+  axes[0].legend(fontsize=8)
+  fig.suptitle(title)
+  fig.tight_layout()
+  fig.savefig(path, dpi=100)
+  plt.close(fig)
+
+
+def save_reliability_png(curves: dict, path: str, title: str) -> None:
+  """Reliability diagram: accuracy against confidence per head, ECE in the legend."""
+  plt = _pyplot()
+  fig, ax = plt.subplots(figsize=(5.5, 5))
+  ax.plot([0, 1], [0, 1], color="grey", linestyle="--", label="perfect calibration")
+  for name, curve in curves.items():
+    ax.plot(curve["confidence"], curve["accuracy"], marker="o", markersize=3,
+            label=f"{name} (ECE {curve['ece']:.3f})")
+  ax.set(xlim=(0, 1), ylim=(0, 1), xlabel="confidence (largest probability)",
+         ylabel="accuracy", title=title)
+  ax.legend(fontsize=8)
+  ax.grid(alpha=0.3)
+  fig.tight_layout()
+  fig.savefig(path, dpi=100)
+  plt.close(fig)

@@ -276,9 +276,14 @@ def _prepare(config, workdir):
   if steps_per_epoch < 1:
     raise ValueError(f"config.training.batch_size={global_batch} exceeds the {len(splits.train)} "
                      "training examples")
-  eval_key = jax.random.fold_in(jax.random.PRNGKey(config.seed), 0x0E7A1)
   checkpointer = checkpointing.Checkpointer(workdir, config.training.keep_checkpoints)
-  return _Run(config, workdir, models, splits, mesh, checkpointer, steps_per_epoch, eval_key)
+  return _Run(config, workdir, models, splits, mesh, checkpointer, steps_per_epoch,
+              eval_key(config))
+
+
+def eval_key(config) -> jax.Array:
+  """The PRNG key of evaluation and prediction (batch i uses fold_in(key, i)), from the seed."""
+  return jax.random.fold_in(jax.random.PRNGKey(config.seed), 0x0E7A1)
 
 
 def _validate_config(config):
@@ -296,6 +301,9 @@ def _validate_config(config):
   if config.guidance.pretrain_epochs < 0:
     raise ValueError("config.guidance.pretrain_epochs must be >= 0")
   d = config.diffusion
+  for field in ("num_samples", "predict_num_samples"):
+    if int(d[field]) < 1:
+      raise ValueError(f"config.diffusion.{field} must be >= 1, got {d[field]}")
   diffusion.timestep_sequence(d.sampler, d.timesteps, d.test_timesteps)
   diffusion.timestep_sequence(d.val_sampler, d.timesteps, min(d.val_timesteps, d.timesteps))
 
@@ -409,14 +417,23 @@ def evaluate_checkpoint(config, workdir: str, split: str = "test", checkpoint: s
   start = time.time()
   predictions = evaluate.predict(run.models, variables, batches, run.eval_key, run.mesh,
                                  sampler_name=d.sampler, num_steps=d.test_timesteps,
-                                 num_samples=d.num_samples)
+                                 num_samples=d.predict_num_samples)
   results = _score(run.models, predictions)
   extra = {"split": split, "checkpoint": kind, "step": int(state.step),
-           "sampler": d.sampler, "steps": d.test_timesteps, "num_samples": d.num_samples,
+           "sampler": d.sampler, "steps": d.test_timesteps,
+           "num_samples": d.predict_num_samples,
            "eval_with_ema": bool(config.optim.eval_with_ema), "seconds": time.time() - start}
   table = evaluate.write_report(results, run.splits.class_names, workdir, split, extra)
   evaluate.write_predictions(predictions, getattr(source, "ids", None), run.splits.class_names,
                              workdir, split)
+  if run.models.denoiser is not None:
+    report = evaluate.uncertainty_report(predictions, run.models.num_classes,
+                                         dcg=isinstance(run.models.guidance, dcg.DCG))
+    evaluate.write_uncertainty_report(report, workdir, split)
+  evaluate.write_overlays(run.models, variables, source, predictions, getattr(source, "ids", None),
+                          run.splits.class_names, workdir, split,
+                          num=config.training.eval_overlays,
+                          batch_size=config.training.eval_batch_size)
   print(f"\n{split} metrics (checkpoint {kind} at step {int(state.step)}, sampler {d.sampler}, "
         f"{d.test_timesteps} steps):\n{table}\n", flush=True)
   return results

@@ -112,3 +112,16 @@ def test_negative_clip_is_refused(tiny_config):
   config.diffusion.clip_y0 = -1.0
   with pytest.raises(ValueError, match="diffusion.clip_y0"):
     models.create_models(config)
+
+
+def test_trajectory_ends_at_the_samplers_y0(tiny):
+  """The trajectory variant runs the same chain: its ŷ₀ is `sample`'s (S = 1, same key)."""
+  bundle, variables, images = tiny
+  ts = diffusion.timestep_sequence("respaced", bundle.num_timesteps, 4)
+  key = jax.random.PRNGKey(3)
+  out = sampler.sample_trajectory(bundle, variables, images, key, timesteps=ts)
+  assert out["trajectory"].shape == (len(ts), 3, 4)
+  reference = sampler.sample(bundle, variables, images, key, timesteps=ts)
+  np.testing.assert_allclose(out["y0"], reference["y0"][:, 0], rtol=1e-5, atol=1e-6)
+  # Between steps the states move (a constant trajectory would be no chain at all).
+  assert not np.allclose(out["trajectory"][0], out["trajectory"][-1])

@@ -1,0 +1,124 @@
+"""`--mode predict` end to end on the tiny config: folders, CSVs, bad files, and agreement with
+`--mode eval` on the same images."""
+
+import csv
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from diffmic_jax import predict
+from diffmic_jax import train
+from diffmic_jax.datasets import demo
+
+from tests import conftest
+
+
+@pytest.fixture(scope="module")
+def trained(tiny_config, tmp_path_factory):
+  workdir = str(tmp_path_factory.mktemp("run"))
+  train.train_and_evaluate(tiny_config(), workdir)
+  return workdir
+
+
+def _read(path):
+  with open(path, newline="") as f:
+    return list(csv.DictReader(f))
+
+
+def _test_split_folder(config, workdir, root):
+  """Writes the test split's images as PNGs (in split order, nested two levels deep) plus bad
+  files; returns the good paths in the order a folder search returns them."""
+  split = json.load(open(os.path.join(workdir, "split.json")))
+  images, _ = demo.make_demo(config.data.demo_num_examples, config.data.image_size,
+                             config.data.demo_seed)
+  paths = []
+  for n, example_id in enumerate(split["test"]):
+    folder = root / "a" if n < len(split["test"]) // 2 else root / "a" / "b"
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / f"{n:03d}_{example_id}.png"
+    Image.fromarray(images[int(example_id.split("_")[1])]).save(path)
+    paths.append(str(path))
+  (root / "a" / "0015_corrupt.png").write_bytes(b"\x89PNG\r\n\x1a\n" + os.urandom(64))
+  (root / "a" / "b" / "empty.jpg").write_bytes(b"")
+  (root / "notes.txt").write_text("not an image")
+  return split, paths
+
+
+def _main(*args):
+  env = {**os.environ, "PYTHONPATH": conftest.REPO}
+  return subprocess.run([sys.executable, "-m", "diffmic_jax.main", *args], cwd=conftest.REPO,
+                        env=env, capture_output=True, text=True, timeout=600)
+
+
+def test_predict_folder_matches_eval_mode_and_lists_bad_files(trained, tiny_config, tmp_path):
+  config = tiny_config()
+  split, good = _test_split_folder(config, trained, tmp_path / "in")
+  out = tmp_path / "out"
+  proc = _main("--config", "configs/test.py", "--workdir", trained, "--mode", "predict",
+               "--input", str(tmp_path / "in"), "--output", str(out), "--overlays")
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  rows = _read(out / "predictions.csv")
+  assert [r["path"] for r in rows] == good
+  skipped = {os.path.basename(r["path"]): r["reason"] for r in _read(out / "skipped.csv")}
+  assert set(skipped) == {"0015_corrupt.png", "empty.jpg", "notes.txt"}
+  assert "not a readable image" in skipped["notes.txt"]
+  # The same images in the same order: exactly the predictions of --mode eval.
+  evaluated = _read(os.path.join(trained, "eval", "test_predictions.csv"))
+  assert [r["id"] for r in evaluated] == split["test"]
+  names = split["class_names"]
+  for mine, theirs in zip(rows, evaluated):
+    assert mine["prediction"] == names[int(theirs["prediction"])]
+    assert mine["dcg_prediction"] == names[int(theirs["dcg_fused_prediction"])]
+    for name in names:
+      assert mine[f"p_{name}"] == theirs[f"p_{name}"]
+    votes = [float(mine[f"vote_{n}"]) for n in names]
+    assert sum(votes) == pytest.approx(1.0) and float(mine["agreement"]) == max(votes)
+  for name in ("test_uncertainty.json", "test_defer.png", "test_reliability.png"):
+    assert os.path.exists(os.path.join(trained, "eval", name))
+  overlays = sorted(os.listdir(out / "overlays"))
+  assert len(overlays) == len(good) and overlays[0].startswith("00000_000_demo_")
+  # --mode eval explains training.eval_overlays test images (the whole tiny test split).
+  assert len(os.listdir(os.path.join(trained, "eval", "overlays"))) == len(split["test"])
+
+
+def test_predict_csv_with_relative_missing_and_bad_paths(trained, tiny_config, tmp_path):
+  _, good = _test_split_folder(tiny_config(), trained, tmp_path / "in")
+  listing = tmp_path / "in" / "list.csv"
+  chosen = [os.path.relpath(good[3], listing.parent), good[0], "a/0015_corrupt.png",
+            "missing.png"]
+  with open(listing, "w", newline="") as f:
+    csv.writer(f).writerows([["label", "path"]] + [["x", p] for p in chosen])
+  result = predict.predict_files(tiny_config(), trained, str(listing), str(tmp_path / "out"))
+  assert result["num_predicted"] == 2 and result["num_skipped"] == 2
+  rows = _read(tmp_path / "out" / "predictions.csv")
+  assert [os.path.abspath(r["path"]) for r in rows] == [good[3], good[0]]
+  reasons = [r["reason"] for r in _read(tmp_path / "out" / "skipped.csv")]
+  assert "corrupt" in reasons[0] and reasons[1] == "file not found"
+  for r in rows:
+    probs = [float(r[f"p_{n}"]) for n in predict.class_names(tiny_config(), trained)]
+    assert sum(probs) == pytest.approx(1.0, abs=1e-4)
+
+
+def test_predict_bad_input_is_a_user_error(trained, tiny_config, tmp_path):
+  listing = tmp_path / "list.csv"
+  listing.write_text("file,label\na.png,0\n")
+  with pytest.raises(ValueError, match="no 'path' column"):
+    predict.predict_files(tiny_config(), trained, str(listing), str(tmp_path / "out"))
+  with pytest.raises(FileNotFoundError, match="no such file or folder"):
+    predict.predict_files(tiny_config(), trained, str(tmp_path / "nothing"))
+  assert not (tmp_path / "out").exists()
+
+
+def test_predict_with_no_readable_file_writes_empty_results(trained, tiny_config, tmp_path):
+  (tmp_path / "in").mkdir()
+  (tmp_path / "in" / "notes.txt").write_text("not an image")
+  result = predict.predict_files(tiny_config(), trained, str(tmp_path / "in"),
+                                 str(tmp_path / "out"), overlays=True)
+  assert result["num_predicted"] == 0 and result["num_skipped"] == 1
+  assert _read(tmp_path / "out" / "predictions.csv") == []
+  assert len(_read(tmp_path / "out" / "skipped.csv")) == 1

@@ -1,0 +1,80 @@
+"""Uncertainty scores of several reverse samples, the defer-to-expert curve and calibration,
+against hand-counted votes, float64 numpy percentiles and constructed toys."""
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from diffmic_jax import evaluate
+from diffmic_jax import metrics
+from diffmic_jax import sampler
+
+# ŷ₀ of S = 5 samples for B = 2 images and C = 3 classes.
+Y0 = np.array([
+    [[0.9, 0.1, 0.0], [0.8, 0.3, 0.1], [0.2, 0.7, 0.1], [1.0, 0.0, 0.2], [0.6, 0.5, 0.4]],
+    [[0.1, 0.2, 0.9], [0.0, 0.1, 0.8], [0.2, 0.0, 1.1], [0.1, 0.3, 0.7], [0.0, 0.2, 0.95]],
+], np.float32)
+
+
+def test_vote_probabilities_are_a_hand_counted_vote():
+  out = sampler.sample_uncertainty(jnp.asarray(Y0), jnp.asarray([0, 2]))
+  # Image 0: argmaxes 0, 0, 1, 0, 0 -> 4/5 for class 0, 1/5 for class 1. Image 1: all class 2.
+  np.testing.assert_allclose(out["vote_probs"], [[0.8, 0.2, 0.0], [0.0, 0.0, 1.0]], atol=1e-7)
+  np.testing.assert_allclose(out["agreement"], [0.8, 1.0], atol=1e-7)
+
+
+def test_intervals_are_percentiles_over_samples_and_the_separation_flag():
+  out = sampler.sample_uncertainty(jnp.asarray(Y0), jnp.asarray([0, 2]))
+  y0 = Y0.astype(np.float64)
+  expected = np.stack([np.percentile(y0, 2.5, axis=1), np.percentile(y0, 97.5, axis=1)], axis=1)
+  np.testing.assert_allclose(out["y0_interval"], expected, rtol=1e-5, atol=1e-6)
+  # Image 0: class 0 spans [~0.24, ~0.98] and overlaps class 1's [~0.01, ~0.68].
+  # Image 1: class 2 spans [~0.71, ~1.08], above classes 0 ([0, ~0.2]) and 1 ([~0.01, ~0.29]).
+  np.testing.assert_array_equal(out["interval_separated"], [False, True])
+
+
+def test_defer_curve_of_a_score_that_ranks_every_error_first_rises_to_one():
+  labels = np.array([0, 1, 2, 0, 1, 2, 0, 1, 2, 0])
+  preds = labels.copy()
+  wrong = [2, 5, 7]  # 30% errors
+  preds[wrong] = (labels[wrong] + 1) % 3
+  score = np.zeros(10)
+  score[wrong] = [0.9, 0.8, 0.95]
+  curve = metrics.defer_curve(score, preds, labels, 3)
+  assert curve["fraction"][0] == 0.0 and curve["fraction"][-1] == 0.5
+  assert curve["accuracy"][0] == pytest.approx(0.7)
+  assert curve["num_kept"][0] == 10 and curve["num_kept"][-1] == 5
+  for fraction, accuracy, f1 in zip(curve["fraction"], curve["accuracy"], curve["f1_macro"]):
+    if fraction >= 0.3:
+      assert accuracy == 1.0 and f1 == 1.0
+  assert all(a <= b for a, b in zip(curve["accuracy"], curve["accuracy"][1:]))
+  # A score that ranks the errors last keeps them: accuracy only falls.
+  worst = metrics.defer_curve(-score, preds, labels, 3)
+  assert worst["accuracy"][-1] == pytest.approx(2 / 5)
+
+
+def test_ece_of_a_perfectly_calibrated_toy_is_zero():
+  # 10 cases at confidence 0.7 of which 7 are right; 10 at 0.9 of which 9 are right.
+  probs = np.array([[0.7, 0.3]] * 10 + [[0.1, 0.9]] * 10)
+  labels = np.array([0] * 7 + [1] * 3 + [1] * 9 + [0])
+  curve = metrics.reliability_curve(probs, labels)
+  assert curve["ece"] == pytest.approx(0.0, abs=1e-12)
+  np.testing.assert_allclose(curve["confidence"], [0.7, 0.9])
+  np.testing.assert_allclose(curve["accuracy"], [0.7, 0.9])
+  overconfident = metrics.reliability_curve(np.array([[0.9, 0.1]] * 10), labels[:10])
+  assert overconfident["ece"] == pytest.approx(0.9 - 0.7)
+
+
+def test_uncertainty_report_writes_json_and_pngs(tmp_path):
+  rng = np.random.default_rng(0)
+  labels = rng.integers(0, 3, 40)
+  logits = rng.normal(size=(40, 3)) + 2 * np.eye(3)[labels]
+  probs = np.exp(logits) / np.exp(logits).sum(1, keepdims=True)
+  predictions = {"labels": labels, "probs": probs, "vote_probs": np.eye(3)[probs.argmax(1)],
+                 "entropy": -(probs * np.log(probs)).sum(1), "agreement": probs.max(1),
+                 "fused": logits, "global": logits, "local": logits[::-1]}
+  report = evaluate.uncertainty_report(predictions, 3)
+  assert len(report["defer"]) == 4 and len(report["calibration"]) == 5
+  evaluate.write_uncertainty_report(report, str(tmp_path), "test")
+  for name in ("test_uncertainty.json", "test_defer.png", "test_reliability.png"):
+    assert (tmp_path / "eval" / name).stat().st_size > 0
