@@ -33,5 +33,6 @@ def get_config():
   # the predictive distribution, not its mode), and the checkpoint with the best validation
   # macro-F1 (the study's goal metric; accuracy favours the majority class).
   config.diffusion.num_samples = 10
+  config.diffusion.predict_num_samples = 10
   config.training.select_metric = "f1_macro"
   return config

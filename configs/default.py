@@ -71,6 +71,10 @@ def get_config() -> ml_collections.ConfigDict:
   model.encoder_pretrained = ""  # optional .npz of converted torchvision weights for rho(x).
   model.feature_dim = 6144  # F: width of rho(x) and of the conditional MLP.
   model.conditioning = "prior"  # prior: [y_t, y_hat] (2C, official) | dual: [y_t, y_g, y_l].
+  # Probability that a training example's conditioning y_hat is replaced by 1/C (the prior mean
+  # in the forward process is kept), so that the denoiser must read the image through rho(x)
+  # rather than copy the guidance; 0 = off (official).
+  model.cond_dropout = 0.0
   model.dtype = "float32"  # compute dtype: float32 | bfloat16 (params, stats stay float32).
   model.conv_impl = "auto"  # auto | xla | im2col: conv weight-gradient formulation (CPU speed).
   model.bn_running_var = "unbiased"  # unbiased (PyTorch parity) | biased (Flax default).

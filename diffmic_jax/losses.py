@@ -72,10 +72,12 @@ def diffusion_objective(models, params, batch_stats, images, labels, logits, key
     params, batch_stats: the denoiser's variables (differentiated with respect to params).
     images: [B, H, W, 3]; labels: [B] int.
     logits: {'fused', 'global', 'local'}: [B, C] eval-mode guidance logits (not differentiated).
-    key: PRNG key of ε and t.
+    key: PRNG key of ε and t (and of the conditioning dropout when models.cond_dropout > 0).
 
   Returns:
-    (loss [], (updated batch_stats, {'mse', 'mmd_global', 'mmd_local'})).
+    (loss [], (updated batch_stats, {'mse', 'mmd_global', 'mmd_local', 'mse_band0'..'mse_band3'}));
+    'mse_band<k>' is the fused stream's ε-MSE over the examples with t in the k-th quarter of
+    [0, T) (0 when the batch has none).
   """
   schedule = models.schedule()
   key_noise, key_t = jax.random.split(key)
@@ -84,6 +86,10 @@ def diffusion_objective(models, params, batch_stats, images, labels, logits, key
   y0 = jax.nn.one_hot(labels, models.num_classes, dtype=jnp.float32)
   inputs = diffusion.stream_inputs(models.prior, models.conditioning,
                                    jax.lax.stop_gradient(logits))
+  if models.cond_dropout > 0:
+    drop = jax.random.bernoulli(jax.random.fold_in(key, 2), models.cond_dropout, t.shape)
+    inputs = {name: (mean, drop_conditioning(cond, drop, models.num_classes))
+              for name, (mean, cond) in inputs.items()}
   streams = ("fused", "global", "local") if models.mmd_weight > 0 else ("fused",)
   apply = lambda stats, *args, method: models.denoiser.apply(
       {"params": params, "batch_stats": stats}, *args, train=True, method=method,
@@ -98,7 +104,34 @@ def diffusion_objective(models, params, batch_stats, images, labels, logits, key
     stats = updated["batch_stats"]
   loss, aux = diffusion_loss(noise, eps["fused"], eps.get("global"), eps.get("local"),
                              mmd_weight=models.mmd_weight, kernel=models.mmd_kernel)
+  aux.update(mse_by_band(noise, eps["fused"], t, models.num_timesteps))
   return loss, (stats, aux)
+
+
+def drop_conditioning(conditioning, drop, num_classes: int):
+  """Replaces the conditioning ŷ of the dropped examples by the uninformative 1/C.
+
+  Args:
+    conditioning: [B, C·k] guidance probabilities fed to the denoiser.
+    drop: [B] bool, True where the guidance is hidden (prob. `model.cond_dropout`), so that the
+      denoiser must learn to read the image through ρ(x) instead of copying the guidance.
+    num_classes: C.
+  """
+  return jnp.where(drop[:, None], jnp.full_like(conditioning, 1.0 / num_classes), conditioning)
+
+
+def mse_by_band(noise, eps_pred, t, num_timesteps: int, num_bands: int = 4) -> dict:
+  """ε-MSE per timestep band: {'mse_band<k>': mean over examples with t·bands//T = k}.
+
+  noise, eps_pred: [B, C]; t: [B] int. A band without examples reports 0.
+  """
+  per_example = jnp.mean(jnp.square(noise - eps_pred), axis=-1)
+  band = t * num_bands // num_timesteps
+  out = {}
+  for k in range(num_bands):
+    in_band = (band == k).astype(per_example.dtype)
+    out[f"mse_band{k}"] = jnp.sum(per_example * in_band) / jnp.maximum(jnp.sum(in_band), 1.0)
+  return out
 
 
 def cross_entropy(logits, labels):

@@ -66,6 +66,7 @@ class Models(NamedTuple):
     schedule_dtype: 'float32' (the official tables, bit for bit) or 'float64'.
     guidance_heads: ((report name, logits key), ...) of the guidance model (`GUIDANCE_HEADS`).
     clip_y0: bound on ŷ₀ inside the reverse chain (0 = off, the official behaviour).
+    cond_dropout: probability that training hides the conditioning ŷ (replaced by 1/C).
   """
 
   guidance: nn.Module
@@ -81,6 +82,7 @@ class Models(NamedTuple):
   schedule_dtype: str = "float32"
   guidance_heads: tuple = GUIDANCE_HEADS["dcg"]
   clip_y0: float = 0.0
+  cond_dropout: float = 0.0
 
   def schedule(self) -> diffusion.Schedule:
     return diffusion.linear_schedule(self.num_timesteps, self.beta_start, self.beta_end,
@@ -143,7 +145,14 @@ def create_models(config: ml_collections.ConfigDict) -> Models:
                 mmd_weight,
                 _choice(d.mmd_kernel, ("gaussian", "multi"), "diffusion.mmd_kernel"), num_classes,
                 _choice(d.schedule_dtype, diffusion.SCHEDULE_DTYPES, "diffusion.schedule_dtype"),
-                GUIDANCE_HEADS[ablation["guidance"]], _clip_bound(d.clip_y0))
+                GUIDANCE_HEADS[ablation["guidance"]], _clip_bound(d.clip_y0),
+                _probability(m.cond_dropout, "model.cond_dropout"))
+
+
+def _probability(value, field) -> float:
+  if not 0.0 <= float(value) < 1.0:
+    raise ValueError(f"config.{field}={value!r} must be in [0, 1)")
+  return float(value)
 
 
 def _clip_bound(value) -> float:

@@ -45,6 +45,7 @@ LEVERS = {
     # T=1000 table instead of ᾱ_T = 0.36 (where the sampler's start N(μ, I) is not the marginal).
     "full_beta1000": ["--config.diffusion.beta_start=1e-3", "--config.diffusion.beta_end=0.2"],
     "full_frozen_dcg": ["--config.guidance.joint_train=False"],
+    "full_cdrop": ["--config.model.cond_dropout=0.3"],
     "full_clip": ["--config.diffusion.clip_y0=2.0"],
     "full_e300": ["--config.training.num_epochs=300", "--config.training.eval_every_epochs=20"],
 }
@@ -122,7 +123,8 @@ def plot_curves(records, out_dir):
         head = key[len(split) + 1:-len("_accuracy")]
         ax_val.plot([v["epoch"] for v in val], [v[key] for v in val], label=f"{head} s{r['seed']}")
       train = r["curves"]["train"]
-      for key in ("mse", "mmd_global", "mmd_local", "dcg_loss"):
+      for key in ("mse_band0", "mse_band1", "mse_band2", "mse_band3", "mmd_global", "mmd_local",
+                  "dcg_loss"):
         if train and key in train[0]:
           ax_loss.plot([t["step"] for t in train], [t[key] for t in train], label=f"{key} s{r['seed']}",
                        lw=0.8)

@@ -48,3 +48,46 @@ def test_dcg_loss_terms():
       sum(ce(v) for v in logits.values()), rel=1e-6)
   with pytest.raises(ValueError, match="fused"):
     losses.dcg_loss(logits, labels, "sum")
+
+
+def test_mse_by_band_averages_each_quarter_of_the_timesteps():
+  rng = np.random.default_rng(2)
+  noise = rng.normal(size=(6, 3)).astype(np.float32)
+  eps = rng.normal(size=(6, 3)).astype(np.float32)
+  t = np.array([0, 24, 25, 60, 99, 30])  # T = 100: bands 0, 0, 1, 2, 3, 1
+  out = losses.mse_by_band(jnp.asarray(noise), jnp.asarray(eps), jnp.asarray(t), 100)
+  per = ((noise - eps) ** 2).mean(axis=1)
+  for k, members in enumerate(([0, 1], [2, 5], [3], [4])):
+    assert float(out[f"mse_band{k}"]) == pytest.approx(per[members].mean(), rel=1e-5)
+  empty = losses.mse_by_band(jnp.asarray(noise), jnp.asarray(eps), jnp.zeros(6, jnp.int32), 100)
+  assert float(empty["mse_band3"]) == 0.0
+
+
+def test_dropped_conditioning_is_uniform_and_the_rest_untouched():
+  cond = jnp.array([[0.7, 0.2, 0.1], [0.1, 0.8, 0.1], [0.3, 0.3, 0.4]])
+  out = np.asarray(losses.drop_conditioning(cond, jnp.array([True, False, True]), 3))
+  np.testing.assert_allclose(out[[0, 2]], 1 / 3)
+  np.testing.assert_array_equal(out[1], np.asarray(cond[1]))
+
+
+def test_conditioning_dropout_reaches_the_objective(tiny_config):
+  from diffmic_jax import models  # pylint: disable=g-import-not-at-top
+  config = tiny_config()
+  variables = None
+  results = {}
+  for p in (0.0, 0.9):
+    config.model.cond_dropout = p
+    bundle = models.create_models(config)
+    if variables is None:
+      variables = models.init_variables(bundle, jax.random.PRNGKey(0), 32, 8)
+    images = jax.random.normal(jax.random.PRNGKey(1), (8, 32, 32, 3))
+    labels = jnp.arange(8) % 4
+    logits = {k: jax.random.normal(jax.random.PRNGKey(i), (8, 4)) for i, k in
+              enumerate(("fused", "global", "local"))}
+    den = variables["denoiser"]
+    results[p] = losses.diffusion_objective(bundle, den["params"], den["batch_stats"], images,
+                                            labels, logits, jax.random.PRNGKey(2))[0]
+  assert float(results[0.0]) != pytest.approx(float(results[0.9]), rel=1e-4)
+  config.model.cond_dropout = 1.0
+  with pytest.raises(ValueError, match="model.cond_dropout"):
+    models.create_models(config)
