@@ -25,7 +25,12 @@ class Checkpointer:
       # Handlers are registered up front so that a fresh manager can read item metadata.
       return ocp.CheckpointManager(
           os.path.join(root, name),
-          options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=True),
+          options=ocp.CheckpointManagerOptions(
+              max_to_keep=keep, create=True,
+              # Both managers may save the same step (a validation step that is also a
+              # checkpoint step); with several processes their barriers need distinct names.
+              multiprocessing_options=ocp.options.MultiprocessingOptions(
+                  barrier_sync_key_prefix=name)),
           item_handlers={"state": ocp.StandardCheckpointHandler(),
                          "meta": ocp.JsonCheckpointHandler()})
 

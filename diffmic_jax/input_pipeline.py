@@ -349,11 +349,22 @@ class TrainIterator:
             "num_shards": self._shard[1]}
 
   def set_state(self, state: dict[str, int]) -> None:
-    """Continues from a saved state; the seed and batch layout must match."""
-    for key, value in self.get_state().items():
-      if key != "step" and state.get(key, value) != value:
-        raise ValueError(f"iterator state has {key}={state.get(key)} but this iterator has "
-                         f"{value}; resume with the same seed and batch size")
+    """Continues from a saved state; the seed and the global batch must match.
+
+    The step counts global batches, so a state saved by one process (process 0 writes the
+    checkpoint's metadata) resumes every process, with any number of processes that splits the
+    same global batch.
+    """
+    saved_seed = state.get("seed", self._batch_fn.seed)
+    if saved_seed != self._batch_fn.seed:
+      raise ValueError(f"iterator state has seed={saved_seed} but this iterator has "
+                       f"{self._batch_fn.seed}; resume with the same seed")
+    global_batch = self._batch_fn.global_batch
+    saved = state.get("batch_size", self._batch_fn.batch_size) * state.get("num_shards",
+                                                                            self._shard[1])
+    if saved != global_batch:
+      raise ValueError(f"iterator state has a global batch of {saved} but this iterator has "
+                       f"{global_batch}; resume with the same training.batch_size")
     self._step = int(state["step"])
     self._iterator = None
 

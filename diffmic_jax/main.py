@@ -18,6 +18,7 @@ from absl import flags
 from absl import logging
 from ml_collections import config_flags
 
+from diffmic_jax import distributed
 from diffmic_jax import host
 from diffmic_jax import predict
 from diffmic_jax import summary
@@ -66,6 +67,8 @@ def _run(argv) -> None:
     predict.predict_files(config, workdir, _INPUT.value, _OUTPUT.value, _CHECKPOINT.value,
                           overlays=_OVERLAYS.value)
     return
+  # Before anything asks JAX for its devices: join the other processes of a multi-process run.
+  distributed.initialize(config.training.distributed)
   os.makedirs(workdir, exist_ok=True)
   logging.info("devices: %s", jax.devices())
   if jax.process_index() == 0:

@@ -19,7 +19,9 @@ import optax
 import tqdm
 
 from diffmic_jax import checkpointing
+from diffmic_jax import dcg
 from diffmic_jax import diffusion
+from diffmic_jax import distributed
 from diffmic_jax import evaluate
 from diffmic_jax import input_pipeline
 from diffmic_jax import losses
@@ -253,8 +255,9 @@ def _validate_and_keep_best(run, state, meta, epoch, writer):
              f"{split}_{head}_f1_macro": main["f1_macro"]}
   writer.write(json.dumps(summary) + "\n")
   writer.flush()
-  tqdm.tqdm.write(f"epoch {epoch} {split}: {head} accuracy {main['accuracy']:.4f}, "
-                  f"macro F1 {main['f1_macro']:.4f}")
+  if distributed.is_primary():
+    tqdm.tqdm.write(f"epoch {epoch} {split}: {head} accuracy {main['accuracy']:.4f}, "
+                    f"macro F1 {main['f1_macro']:.4f}")
   if main[metric] > meta["best_accuracy"]:
     # 'best_accuracy' keeps its name in checkpoint metadata; it holds the selection metric.
     meta = {**meta, "best_accuracy": main[metric], "best_step": int(state.step)}
@@ -264,11 +267,11 @@ def _validate_and_keep_best(run, state, meta, epoch, writer):
 
 def _prepare(config, workdir):
   """Builds the data, models, mesh and checkpointer shared by training and evaluation."""
-  if config.training.distributed:
-    jax.distributed.initialize()
+  distributed.initialize(config.training.distributed)  # main.py already did, when it runs us
   _validate_config(config)
   mesh = sharding.make_mesh()
-  splits = input_pipeline.create_splits(config.data, workdir)
+  # split.json is written (and checked against the saved one) by process 0 only.
+  splits = input_pipeline.create_splits(config.data, workdir if distributed.is_primary() else None)
   models = models_lib.create_models(config)
   global_batch = config.training.batch_size
   sharding.check_batch_size(global_batch, mesh, "training.batch_size")
@@ -387,9 +390,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     if meta.get("data_iter") is not None:  # None: imported from the official code.
       train_iter.set_state(meta["data_iter"])
     meta = {"best_accuracy": -1.0, "best_step": None, **meta, "data_iter": train_iter.get_state()}
-    print(f"Resuming from checkpoint at step {latest} (stage {meta['stage']}).", flush=True)
+    if distributed.is_primary():
+      print(f"Resuming from checkpoint at step {latest} (stage {meta['stage']}).", flush=True)
   state = sharding.replicate(state, run.mesh)
-  with open(os.path.join(workdir, "metrics.jsonl"), "a") as writer:
+  metrics_path = os.path.join(workdir, "metrics.jsonl") if distributed.is_primary() else os.devnull
+  with open(metrics_path, "a") as writer:
     for stage in plan:
       if int(state.step) < stage.start + stage.num_epochs * run.steps_per_epoch:
         step_fn = jit_step(steps[stage.name], run.mesh)
@@ -434,6 +439,7 @@ def evaluate_checkpoint(config, workdir: str, split: str = "test", checkpoint: s
                           run.splits.class_names, workdir, split,
                           num=config.training.eval_overlays,
                           batch_size=config.training.eval_batch_size)
-  print(f"\n{split} metrics (checkpoint {kind} at step {int(state.step)}, sampler {d.sampler}, "
-        f"{d.test_timesteps} steps):\n{table}\n", flush=True)
+  if distributed.is_primary():
+    print(f"\n{split} metrics (checkpoint {kind} at step {int(state.step)}, sampler {d.sampler}, "
+          f"{d.test_timesteps} steps):\n{table}\n", flush=True)
   return results

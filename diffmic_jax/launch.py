@@ -1,0 +1,167 @@
+"""Starts N local processes of one multi-process run and stops them all when one fails.
+
+  python -m diffmic_jax.launch --num_processes 2 -- --config configs/demo.py --workdir runs/demo
+
+Everything after `--` goes to `python -m diffmic_jax.main` (or `--module`) unchanged, plus
+`--config.training.distributed=True` for diffmic_jax.main. Process 0 runs the coordinator on a
+free local port; every process learns it, the process count and its own index from the
+environment variables that `distributed.initialize` reads. On this CPU each process drives one
+CPU device and the processes talk through gloo; on a host with several GPUs,
+`--gpus_per_process K` gives process i the GPUs iK..iK+K-1 (CUDA_VISIBLE_DEVICES).
+
+The launcher forwards SIGINT and SIGTERM to every process. When a process exits with an error
+(or is killed), the others are stopped too (SIGTERM, then SIGKILL after `--grace_seconds`), the
+launcher names the process that failed and exits non-zero: a peer would otherwise wait forever
+in a collective for the process that died. Exit status: the failing process's status (128 +
+signal number when a signal ended it), or 128 + signal number when the launcher was signalled.
+"""
+
+import argparse
+import ctypes
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+from diffmic_jax import distributed
+
+_POLL_SECONDS = 0.2
+
+
+def free_port() -> int:
+  """A TCP port that is free on this host now (the OS picks it)."""
+  with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+    s.bind(("127.0.0.1", 0))
+    return s.getsockname()[1]
+
+
+def process_env(base: dict, index: int, num_processes: int, coordinator: str,
+                gpus_per_process: int) -> dict:
+  """The environment of process `index`: the coordinator, the process count and its index."""
+  env = {**base, distributed.COORDINATOR_ENV: coordinator,
+         distributed.NUM_PROCESSES_ENV: str(num_processes),
+         distributed.PROCESS_ID_ENV: str(index)}
+  if gpus_per_process > 0:
+    first = index * gpus_per_process
+    env["CUDA_VISIBLE_DEVICES"] = ",".join(str(first + g) for g in range(gpus_per_process))
+  return env
+
+
+def _die_with_parent():
+  """Runs in each child before exec: the kernel sends it SIGTERM if the launcher dies (Linux)."""
+  try:
+    ctypes.CDLL("libc.so.6").prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+  except OSError:
+    pass  # not glibc: children then outlive a launcher killed with SIGKILL
+
+
+def _describe(returncode: int) -> str:
+  if returncode < 0:
+    return f"was killed by {signal.Signals(-returncode).name}"
+  return f"exited with status {returncode}"
+
+
+def _exit_status(returncode: int) -> int:
+  return 128 - returncode if returncode < 0 else returncode
+
+
+class Launcher:
+  """The child processes of one run (each in its own session, so signals reach it only from us)."""
+
+  def __init__(self, commands: list[list[str]], envs: list[dict], grace_seconds: float):
+    self.grace_seconds = grace_seconds
+    self.signalled = None
+    self.procs = [subprocess.Popen(cmd, env=env, start_new_session=True,
+                                   preexec_fn=_die_with_parent)
+                  for cmd, env in zip(commands, envs)]
+
+  def send(self, signum: int) -> None:
+    """Sends `signum` to every running process's group (its data-loader workers included)."""
+    for proc in self.procs:
+      if proc.poll() is None:
+        try:
+          os.killpg(proc.pid, signum)
+        except ProcessLookupError:
+          pass  # it ended between poll() and killpg()
+
+  def forward(self, signum, frame) -> None:
+    del frame
+    self.signalled = signum
+    self.send(signum)
+
+  def stop_all(self) -> None:
+    """SIGTERM to the survivors, SIGKILL to those still alive after the grace period."""
+    self.send(signal.SIGTERM)
+    deadline = time.monotonic() + self.grace_seconds
+    while any(p.poll() is None for p in self.procs) and time.monotonic() < deadline:
+      time.sleep(_POLL_SECONDS)
+    self.send(signal.SIGKILL)
+    for proc in self.procs:
+      proc.wait()
+
+  def wait(self) -> int:
+    """Waits until all processes succeed or one fails; returns the launcher's exit status."""
+    while True:
+      codes = [p.poll() for p in self.procs]
+      failed = [i for i, c in enumerate(codes) if c not in (None, 0)]
+      if self.signalled is not None and (failed or all(c is not None for c in codes)):
+        self.stop_all()
+        name = signal.Signals(self.signalled).name
+        print(f"error: launcher received {name}; stopped all {len(self.procs)} processes",
+              file=sys.stderr, flush=True)
+        return 128 + self.signalled
+      if failed:
+        i = failed[0]
+        print(f"error: process {i} (pid {self.procs[i].pid}) {_describe(codes[i])}; stopping "
+              f"the other {len(self.procs) - 1}", file=sys.stderr, flush=True)
+        self.stop_all()
+        return _exit_status(codes[i])
+      if all(c == 0 for c in codes):
+        return 0
+      time.sleep(_POLL_SECONDS)
+
+
+def _parse(argv: list[str]):
+  if "--" in argv:
+    split = argv.index("--")
+    own, forwarded = argv[:split], argv[split + 1:]
+  else:
+    own, forwarded = argv, []
+  parser = argparse.ArgumentParser(
+      prog="python -m diffmic_jax.launch",
+      description="Start N local processes of one multi-process run; arguments after -- go "
+                  "to every process.")
+  parser.add_argument("--num_processes", type=int, required=True)
+  parser.add_argument("--module", default="diffmic_jax.main",
+                      help="Python module each process runs (python -m MODULE ARGS).")
+  parser.add_argument("--gpus_per_process", type=int, default=0,
+                      help="0: every process sees every GPU (CUDA_VISIBLE_DEVICES untouched).")
+  parser.add_argument("--port", type=int, default=0, help="coordinator port; 0 = a free one.")
+  parser.add_argument("--grace_seconds", type=float, default=10.0,
+                      help="how long stopped processes get before SIGKILL.")
+  args = parser.parse_args(own)
+  if args.num_processes < 1:
+    parser.error(f"--num_processes={args.num_processes}; expected >= 1")
+  if args.gpus_per_process < 0:
+    parser.error(f"--gpus_per_process={args.gpus_per_process}; expected >= 0")
+  return args, forwarded
+
+
+def main(argv: list[str]) -> int:
+  args, forwarded = _parse(argv)
+  if args.module == "diffmic_jax.main":
+    forwarded = [*forwarded, "--config.training.distributed=True"]
+  coordinator = f"127.0.0.1:{args.port or free_port()}"
+  command = [sys.executable, "-m", args.module, *forwarded]
+  envs = [process_env(dict(os.environ), i, args.num_processes, coordinator,
+                      args.gpus_per_process) for i in range(args.num_processes)]
+  launcher = Launcher([command] * args.num_processes, envs, args.grace_seconds)
+  for signum in (signal.SIGINT, signal.SIGTERM):
+    signal.signal(signum, launcher.forward)
+  return launcher.wait()
+
+
+if __name__ == "__main__":
+  sys.exit(main(sys.argv[1:]))
