@@ -29,6 +29,8 @@ setuptools.setup(
         "matplotlib>=3.7",
         # Progress bar with ETA during training.
         "tqdm",
+        # TensorBoard event files (DIR/tensorboard/) without TensorFlow.
+        "tensorboardX>=2.6",
     ],
     extras_require={
         "test": ["pytest>=8"],

@@ -130,5 +130,8 @@ def get_config() -> ml_collections.ConfigDict:
   # Evaluation explanations (eval/overlays/): the DCG's CAM and ROI boxes over this many test
   # images, the most confidently wrong first; 0 writes none.
   training.eval_overlays = 16
-  training.distributed = False  # call jax.distributed.initialize() (multi-host).
+  # Join a multi-process run (jax.distributed; set by diffmic_jax.launch, or on a cluster).
+  training.distributed = False
+  # 'N,M': a jax.profiler trace of global steps N..M (inclusive) in DIR/profile/; '' = off.
+  training.profile_steps = ""
   return config

@@ -13,6 +13,8 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
+from diffmic_jax import sharding
+
 KINDS = ("latest", "best")
 
 
@@ -54,7 +56,7 @@ class Checkpointer:
       kind: 'latest' or 'best'.
       step: a step number, or None for the manager's latest.
       abstract_state: a pytree of arrays or jax.ShapeDtypeStruct giving the expected
-        structure, shapes and dtypes.
+        structure, shapes and dtypes. Leaves come back replicated on every device.
 
     Raises:
       FileNotFoundError: no such checkpoint.
@@ -70,7 +72,12 @@ class Checkpointer:
                               f"available: {sorted(manager.all_steps())}")
     stored = manager.item_metadata(step)["state"]
     check_structure(stored, abstract_state, f"{manager.directory}/{step}")
-    target = jax.tree.map(ocp.utils.to_shape_dtype_struct, abstract_state)
+    # Every leaf is restored replicated on all devices of this job (the train state always is),
+    # whatever devices and processes saved it: a checkpoint of a 2-process run restores on one
+    # CPU, and the other way round.
+    everywhere = sharding.replicated(sharding.make_mesh())
+    target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=everywhere),
+                          abstract_state)
     restored = manager.restore(step, args=ocp.args.Composite(
         state=ocp.args.StandardRestore(target), meta=ocp.args.JsonRestore()))
     return restored["state"], restored["meta"]

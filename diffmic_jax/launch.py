@@ -9,10 +9,12 @@ environment variables that `distributed.initialize` reads. On this CPU each proc
 CPU device and the processes talk through gloo; on a host with several GPUs,
 `--gpus_per_process K` gives process i the GPUs iK..iK+K-1 (CUDA_VISIBLE_DEVICES).
 
-The launcher forwards SIGINT and SIGTERM to every process. When a process exits with an error
-(or is killed), the others are stopped too (SIGTERM, then SIGKILL after `--grace_seconds`), the
-launcher names the process that failed and exits non-zero: a peer would otherwise wait forever
-in a collective for the process that died. Exit status: the failing process's status (128 +
+The launcher forwards SIGINT and SIGTERM to every process and kills those still running
+`--grace_seconds` later (jax.distributed catches SIGTERM as a preemption notice and carries on).
+When a process exits with an error (or is killed), the others are stopped too (SIGTERM, then
+SIGKILL after the grace period), the launcher names the process that failed and exits non-zero:
+a peer would otherwise wait forever in a collective for the process that died. Checkpoints are
+written atomically, so stopping a process never leaves a checkpoint that would be restored. Exit status: the failing process's status (128 +
 signal number when a signal ended it), or 128 + signal number when the launcher was signalled.
 """
 
@@ -50,9 +52,9 @@ def process_env(base: dict, index: int, num_processes: int, coordinator: str,
 
 
 def _die_with_parent():
-  """Runs in each child before exec: the kernel sends it SIGTERM if the launcher dies (Linux)."""
+  """Runs in each child before exec: the kernel kills it if the launcher dies (Linux)."""
   try:
-    ctypes.CDLL("libc.so.6").prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    ctypes.CDLL("libc.so.6").prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
   except OSError:
     pass  # not glibc: children then outlive a launcher killed with SIGKILL
 
@@ -72,7 +74,8 @@ class Launcher:
 
   def __init__(self, commands: list[list[str]], envs: list[dict], grace_seconds: float):
     self.grace_seconds = grace_seconds
-    self.signalled = None
+    self.signalled = None  # the signal the launcher received, and when
+    self.signalled_at = 0.0
     self.procs = [subprocess.Popen(cmd, env=env, start_new_session=True,
                                    preexec_fn=_die_with_parent)
                   for cmd, env in zip(commands, envs)]
@@ -88,7 +91,7 @@ class Launcher:
 
   def forward(self, signum, frame) -> None:
     del frame
-    self.signalled = signum
+    self.signalled, self.signalled_at = signum, time.monotonic()
     self.send(signum)
 
   def stop_all(self) -> None:
@@ -104,6 +107,9 @@ class Launcher:
   def wait(self) -> int:
     """Waits until all processes succeed or one fails; returns the launcher's exit status."""
     while True:
+      if self.signalled is not None and time.monotonic() > self.signalled_at + self.grace_seconds:
+        # jax.distributed catches SIGTERM (preemption notice) and carries on: escalate.
+        self.send(signal.SIGKILL)
       codes = [p.poll() for p in self.procs]
       failed = [i for i, c in enumerate(codes) if c not in (None, 0)]
       if self.signalled is not None and (failed or all(c is not None for c in codes)):
@@ -139,7 +145,7 @@ def _parse(argv: list[str]):
   parser.add_argument("--gpus_per_process", type=int, default=0,
                       help="0: every process sees every GPU (CUDA_VISIBLE_DEVICES untouched).")
   parser.add_argument("--port", type=int, default=0, help="coordinator port; 0 = a free one.")
-  parser.add_argument("--grace_seconds", type=float, default=10.0,
+  parser.add_argument("--grace_seconds", type=float, default=5.0,
                       help="how long stopped processes get before SIGKILL.")
   args = parser.parse_args(own)
   if args.num_processes < 1:

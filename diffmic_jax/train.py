@@ -28,7 +28,9 @@ from diffmic_jax import losses
 from diffmic_jax import models as models_lib
 from diffmic_jax import optim
 from diffmic_jax import pretrained
+from diffmic_jax import profiling
 from diffmic_jax import sharding
+from diffmic_jax import tensorboard
 
 
 @flax.struct.dataclass
@@ -222,9 +224,15 @@ def run_stage(run: _Run, stage: Stage, step_fn, state, train_iter, meta, writer)
   # The previous stage's prefetcher read ahead; rewind to the last batch actually consumed.
   train_iter.set_state(iter_state)
   batches = sharding.prefetch(train_iter, run.mesh, with_state=True)
+  profiler = profiling.StepProfiler(profiling.parse_steps(cfg.profile_steps),
+                                    os.path.join(run.workdir, profiling.SUBDIR),
+                                    enabled=distributed.is_primary())
   for step in range(first, end):
     batch, iter_state = next(batches)
-    state, metrics = step_fn(state, batch)
+    profiler.before(step)
+    with profiler.annotate(step):
+      state, metrics = step_fn(state, batch)
+    profiler.after(step, state, last_of_stage=step + 1 == end)
     pending.append((step, metrics))
     bar.update(1)
     done = step + 1
@@ -254,6 +262,7 @@ def _validate_and_keep_best(run, state, meta, epoch, writer):
              **{f"{split}_{h}_accuracy": m["accuracy"] for h, m in results.items()},
              f"{split}_{head}_f1_macro": main["f1_macro"]}
   writer.write(json.dumps(summary) + "\n")
+  writer.validation(int(state.step), split, results, run.splits.class_names)
   writer.flush()
   if distributed.is_primary():
     tqdm.tqdm.write(f"epoch {epoch} {split}: {head} accuracy {main['accuracy']:.4f}, "
@@ -298,6 +307,7 @@ def _validate_config(config):
   if t.select_metric not in SELECT_METRICS:
     raise ValueError(f"config.training.select_metric={t.select_metric!r}; choose from "
                      f"{list(SELECT_METRICS)}")
+  profiling.parse_steps(t.profile_steps)
   if t.select_best_on not in ("val", "test"):
     raise ValueError(f"config.training.select_best_on={t.select_best_on!r}; choose from "
                      "['test', 'val']")
@@ -393,8 +403,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     if distributed.is_primary():
       print(f"Resuming from checkpoint at step {latest} (stage {meta['stage']}).", flush=True)
   state = sharding.replicate(state, run.mesh)
-  metrics_path = os.path.join(workdir, "metrics.jsonl") if distributed.is_primary() else os.devnull
-  with open(metrics_path, "a") as writer:
+  # metrics.jsonl and TensorBoard events, written by process 0 only.
+  with tensorboard.MetricsLog(workdir, enabled=distributed.is_primary()) as writer:
     for stage in plan:
       if int(state.step) < stage.start + stage.num_epochs * run.steps_per_epoch:
         step_fn = jit_step(steps[stage.name], run.mesh)
@@ -435,10 +445,13 @@ def evaluate_checkpoint(config, workdir: str, split: str = "test", checkpoint: s
     report = evaluate.uncertainty_report(predictions, run.models.num_classes,
                                          dcg=isinstance(run.models.guidance, dcg.DCG))
     evaluate.write_uncertainty_report(report, workdir, split)
-  evaluate.write_overlays(run.models, variables, source, predictions, getattr(source, "ids", None),
-                          run.splits.class_names, workdir, split,
-                          num=config.training.eval_overlays,
-                          batch_size=config.training.eval_batch_size)
+  overlays = evaluate.write_overlays(run.models, variables, source, predictions,
+                                     getattr(source, "ids", None), run.splits.class_names,
+                                     workdir, split, num=config.training.eval_overlays,
+                                     batch_size=config.training.eval_batch_size)
+  if distributed.is_primary():
+    confusion = os.path.join(workdir, "eval", f"{split}_confusion.png")
+    tensorboard.add_evaluation_images(workdir, int(state.step), split, [confusion, *overlays])
   if distributed.is_primary():
     print(f"\n{split} metrics (checkpoint {kind} at step {int(state.step)}, sampler {d.sampler}, "
           f"{d.test_timesteps} steps):\n{table}\n", flush=True)

@@ -141,6 +141,32 @@ def test_shards_partition_each_global_batch():
   assert np.array_equal(np.concatenate([p["image"] for p in parts]), full["image"])
 
 
+def test_a_state_saved_by_process_0_resumes_every_process_and_layout():
+  """Checkpoints hold process 0's iterator state; any process, and any split of the same
+  global batch, continues from it with the batches an uninterrupted run gets."""
+  config = _demo_config()
+  source = _array_source(n=40)
+  shard = lambda i, n: input_pipeline.train_iterator(source, config, batch_size=8 // n, seed=2,
+                                                     shard_index=i, num_shards=n)
+  saver = shard(0, 2)
+  _take(saver, 3)
+  state = json.loads(json.dumps(saver.get_state()))
+  uninterrupted = shard(1, 2)
+  _take(uninterrupted, 3)
+  expected = _take(uninterrupted, 4)  # crosses the epoch boundary (5 steps per epoch)
+  resumed = shard(1, 2)
+  resumed.set_state(state)
+  one_process = shard(0, 1)
+  one_process.set_state(state)
+  whole = _take(one_process, 4)
+  for want, got, full in zip(expected, _take(resumed, 4), whole):
+    assert np.array_equal(want["image"], got["image"])
+    assert np.array_equal(want["image"], full["image"][4:])  # process 1's half of the batch
+  with pytest.raises(ValueError, match="global batch"):
+    input_pipeline.train_iterator(source, config, batch_size=8, seed=2,
+                                  num_shards=2).set_state(state)
+
+
 def _check_rotation(seed):
   """A white square rotated by the angle the rng draws: pixels well inside the rotated square
   are white, pixels well outside are the black fill, for the counter-clockwise angle only."""

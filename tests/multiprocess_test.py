@@ -1,0 +1,153 @@
+"""Multi-process runs on this CPU (jax.distributed with gloo collectives, started by
+diffmic_jax.launch): the same results as one process with the same number of devices, resume
+after every process is killed, and a failing process stopping the whole run."""
+
+import glob
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+import pytest
+
+from diffmic_jax import checkpointing
+from diffmic_jax import distributed
+from diffmic_jax import launch
+from diffmic_jax import models as models_lib
+from diffmic_jax import train
+
+from tests import conftest
+from tests import tensorboard_test
+
+# The tiny config without the explanation PNGs (not what is compared, and slow).
+_FLAGS = ["--config", os.path.join(conftest.REPO, "configs", "test.py"),
+          "--config.training.eval_overlays=0"]
+_LAST_STEP = 18  # (1 warm-up + 2 joint epochs) x 6 steps
+
+
+def _env(**extra):
+  """This environment without forced devices, importing this checkout, plus `extra`."""
+  env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+  return {**env, "PYTHONPATH": conftest.REPO, **extra}
+
+
+def _launch(workdir, **kwargs):
+  command = [sys.executable, "-m", "diffmic_jax.launch", "--num_processes", "2", "--",
+             *_FLAGS, "--workdir", str(workdir)]
+  return subprocess.Popen(command, env=_env(), cwd=conftest.REPO, stdout=subprocess.PIPE,
+                          stderr=subprocess.STDOUT, text=True, **kwargs)
+
+
+def _metric_rows(workdir):
+  """{step: last training row of that step}, {step: last validation row} of metrics.jsonl."""
+  train_rows, val_rows = {}, {}
+  for line in open(os.path.join(workdir, "metrics.jsonl")):
+    row = json.loads(line)
+    (val_rows if "split" in row else train_rows)[row["step"]] = row
+  return train_rows, val_rows
+
+
+def _final_state(workdir):
+  from configs import test as test_config  # pylint: disable=g-import-not-at-top
+  config = test_config.get_config()
+  abstract = train.abstract_train_state(models_lib.create_models(config), config)
+  checkpointer = checkpointing.Checkpointer(str(workdir))
+  try:
+    state, _ = checkpointer.restore("latest", _LAST_STEP, abstract)
+  finally:
+    checkpointer.close()
+  return jax.device_get(state)
+
+
+@pytest.fixture(scope="module")
+def one_process_two_devices(tmp_path_factory):
+  workdir = tmp_path_factory.mktemp("one_process")
+  # Also traces two steps, to check the training loop's profiler hook.
+  done = subprocess.run([sys.executable, "-m", "diffmic_jax.main", *_FLAGS, "--workdir",
+                         str(workdir), "--config.training.profile_steps=7,8"],
+                        cwd=conftest.REPO, capture_output=True, text=True,
+                        env=_env(XLA_FLAGS="--xla_force_host_platform_device_count=2"),
+                        timeout=600)
+  assert done.returncode == 0, done.stderr[-3000:]
+  return workdir
+
+
+def test_two_processes_killed_and_resumed_match_one_process_with_two_devices(
+    one_process_two_devices, tmp_path):
+  # Kill every process (SIGTERM to the launcher, as a scheduler does) once the step-8
+  # checkpoint exists, in the middle of the first joint epoch.
+  proc = _launch(tmp_path, start_new_session=True)
+  checkpoint = tmp_path / "checkpoints" / "8"
+  deadline = time.monotonic() + 600
+  while not checkpoint.is_dir() and proc.poll() is None and time.monotonic() < deadline:
+    time.sleep(0.2)
+  os.kill(proc.pid, signal.SIGTERM)
+  output, _ = proc.communicate(timeout=120)
+  assert proc.returncode == 128 + signal.SIGTERM, output[-3000:]
+  assert "launcher received SIGTERM" in output
+  stopped_at = checkpointing.Checkpointer(str(tmp_path)).all_steps()
+  assert 8 in stopped_at and _LAST_STEP not in stopped_at, stopped_at  # killed mid-training
+
+  proc = _launch(tmp_path)
+  output, _ = proc.communicate(timeout=600)
+  assert proc.returncode == 0, output[-3000:]
+  assert "Resuming from checkpoint at step" in output
+  assert output.count("Resuming from checkpoint") == 1  # printed by process 0 only
+
+  # Losses of every step, validation results, final parameters and test predictions agree.
+  ref_train, ref_val = _metric_rows(one_process_two_devices)
+  got_train, got_val = _metric_rows(tmp_path)
+  assert sorted(got_train) == sorted(ref_train) == list(range(_LAST_STEP))
+  for step, row in ref_train.items():
+    np.testing.assert_allclose([got_train[step][k] for k in row], list(row.values()),
+                               rtol=1e-5, atol=1e-6, err_msg=f"step {step}")
+  assert got_val == ref_val
+  scalars, images = tensorboard_test.read_events(str(tmp_path / "tensorboard"))
+  assert sorted(scalars["train/loss"]) == list(range(6, _LAST_STEP))  # joint steps
+  assert sorted(scalars["val/diffusion/accuracy"]) == sorted(ref_val)
+  assert "eval_test/test_confusion" in images
+  assert glob.glob(str(one_process_two_devices / "profile" / "**" / "*.xplane.pb"),
+                   recursive=True)
+  ref_state, got_state = _final_state(one_process_two_devices), _final_state(tmp_path)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6),
+               ref_state, got_state)
+  ref_csv = open(os.path.join(one_process_two_devices, "eval", "test_predictions.csv")).read()
+  got_csv = open(tmp_path / "eval" / "test_predictions.csv").read()
+  assert got_csv.splitlines()[0] == ref_csv.splitlines()[0]
+  assert len(got_csv.splitlines()) == len(ref_csv.splitlines()) > 1
+  for ref_row, got_row in zip(ref_csv.splitlines()[1:], got_csv.splitlines()[1:]):
+    ref_cells, got_cells = ref_row.split(","), got_row.split(",")
+    assert got_cells[:4] == ref_cells[:4]  # id, label, prediction, DCG prediction
+    np.testing.assert_allclose(np.float64(got_cells[4:]), np.float64(ref_cells[4:]), atol=2e-6)
+
+
+def test_a_failing_process_stops_the_run():
+  start = time.monotonic()
+  done = subprocess.run([sys.executable, "-m", "diffmic_jax.launch", "--num_processes", "2",
+                         "--module", "tests.multiprocess_worker"], cwd=conftest.REPO, env=_env(),
+                        capture_output=True, text=True, timeout=120)
+  assert done.returncode == 1, done.stderr[-3000:]
+  assert "process 1 fails on purpose" in done.stderr
+  assert "error: process 1 (pid" in done.stderr and "exited with status 1" in done.stderr
+  assert time.monotonic() - start < 60  # process 0, blocked in a collective, was stopped
+
+
+def test_process_env_gives_each_process_its_index_and_gpus():
+  env = launch.process_env({"PATH": "/bin"}, 2, 4, "127.0.0.1:1234", gpus_per_process=2)
+  assert env == {"PATH": "/bin", distributed.COORDINATOR_ENV: "127.0.0.1:1234",
+                 distributed.NUM_PROCESSES_ENV: "4", distributed.PROCESS_ID_ENV: "2",
+                 "CUDA_VISIBLE_DEVICES": "4,5"}
+  assert "CUDA_VISIBLE_DEVICES" not in launch.process_env({}, 0, 2, "h:1", gpus_per_process=0)
+
+
+def test_partial_environment_is_refused(monkeypatch):
+  monkeypatch.setenv(distributed.COORDINATOR_ENV, "127.0.0.1:1234")
+  monkeypatch.delenv(distributed.NUM_PROCESSES_ENV, raising=False)
+  monkeypatch.delenv(distributed.PROCESS_ID_ENV, raising=False)
+  with pytest.raises(ValueError, match=distributed.NUM_PROCESSES_ENV):
+    distributed.initialize(True)
+  distributed.initialize(False)  # off: nothing is read
