@@ -177,6 +177,9 @@ def write_overlays(models, variables, source, predictions: dict, ids, class_name
   crop_size = getattr(models.guidance, "crop_size", None)
   if jax.process_index() != 0 or num <= 0 or crop_size is None:
     return []
+  # Process 0 computes alone: a host copy keeps the computation off the other processes'
+  # devices (global arrays would make it a collective that they never join).
+  variables = jax.device_get(variables)
   labels = predictions["labels"]
   chosen = explain.select_examples(predictions, labels, num)
   images = np.stack([np.asarray(source[i]["image"]) for i in chosen])

@@ -21,10 +21,12 @@ signal number when a signal ended it), or 128 + signal number when the launcher 
 import argparse
 import ctypes
 import os
+import queue
 import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 
 from diffmic_jax import distributed
@@ -74,59 +76,61 @@ class Launcher:
 
   def __init__(self, commands: list[list[str]], envs: list[dict], grace_seconds: float):
     self.grace_seconds = grace_seconds
-    self.signalled = None  # the signal the launcher received, and when
-    self.signalled_at = 0.0
+    self.signalled = None  # the signal the launcher received
+    self.kill_at = None  # when survivors get SIGKILL (set once a stop begins)
+    self.exited = {}  # process index -> return code, in the order they ended
     self.procs = [subprocess.Popen(cmd, env=env, start_new_session=True,
                                    preexec_fn=_die_with_parent)
                   for cmd, env in zip(commands, envs)]
 
   def send(self, signum: int) -> None:
     """Sends `signum` to every running process's group (its data-loader workers included)."""
-    for proc in self.procs:
-      if proc.poll() is None:
+    for i, proc in enumerate(self.procs):
+      if i not in self.exited:
         try:
           os.killpg(proc.pid, signum)
         except ProcessLookupError:
-          pass  # it ended between poll() and killpg()
+          pass  # it ended and its exit is not yet collected
+
+  def _stop(self, signum: int) -> None:
+    self.send(signum)
+    if self.kill_at is None:
+      self.kill_at = time.monotonic() + self.grace_seconds
 
   def forward(self, signum, frame) -> None:
+    """Signal handler: passes SIGINT/SIGTERM on, and stops the run."""
     del frame
-    self.signalled, self.signalled_at = signum, time.monotonic()
-    self.send(signum)
-
-  def stop_all(self) -> None:
-    """SIGTERM to the survivors, SIGKILL to those still alive after the grace period."""
-    self.send(signal.SIGTERM)
-    deadline = time.monotonic() + self.grace_seconds
-    while any(p.poll() is None for p in self.procs) and time.monotonic() < deadline:
-      time.sleep(_POLL_SECONDS)
-    self.send(signal.SIGKILL)
-    for proc in self.procs:
-      proc.wait()
+    self.signalled = signum
+    self._stop(signum)
 
   def wait(self) -> int:
-    """Waits until all processes succeed or one fails; returns the launcher's exit status."""
-    while True:
-      if self.signalled is not None and time.monotonic() > self.signalled_at + self.grace_seconds:
-        # jax.distributed catches SIGTERM (preemption notice) and carries on: escalate.
+    """Waits until every process has ended; returns the launcher's exit status.
+
+    The first process to end with an error is named, and the others are stopped: SIGTERM,
+    then SIGKILL after the grace period (jax.distributed catches SIGTERM and carries on).
+    """
+    exits = queue.Queue()
+    for i, proc in enumerate(self.procs):
+      threading.Thread(target=lambda i=i, p=proc: exits.put((i, p.wait())), daemon=True).start()
+    first_failure = None
+    while len(self.exited) < len(self.procs):
+      if self.kill_at is not None and time.monotonic() > self.kill_at:
         self.send(signal.SIGKILL)
-      codes = [p.poll() for p in self.procs]
-      failed = [i for i, c in enumerate(codes) if c not in (None, 0)]
-      if self.signalled is not None and (failed or all(c is not None for c in codes)):
-        self.stop_all()
-        name = signal.Signals(self.signalled).name
-        print(f"error: launcher received {name}; stopped all {len(self.procs)} processes",
-              file=sys.stderr, flush=True)
-        return 128 + self.signalled
-      if failed:
-        i = failed[0]
-        print(f"error: process {i} (pid {self.procs[i].pid}) {_describe(codes[i])}; stopping "
-              f"the other {len(self.procs) - 1}", file=sys.stderr, flush=True)
-        self.stop_all()
-        return _exit_status(codes[i])
-      if all(c == 0 for c in codes):
-        return 0
-      time.sleep(_POLL_SECONDS)
+      try:
+        i, code = exits.get(timeout=_POLL_SECONDS)
+      except queue.Empty:
+        continue
+      self.exited[i] = code
+      if code != 0 and first_failure is None and self.signalled is None:
+        first_failure = i
+        print(f"error: process {i} (pid {self.procs[i].pid}) {_describe(code)}; stopping the "
+              f"other {len(self.procs) - 1}", file=sys.stderr, flush=True)
+        self._stop(signal.SIGTERM)
+    if self.signalled is not None:
+      print(f"error: launcher received {signal.Signals(self.signalled).name}; stopped all "
+            f"{len(self.procs)} processes", file=sys.stderr, flush=True)
+      return 128 + self.signalled
+    return 0 if first_failure is None else _exit_status(self.exited[first_failure])
 
 
 def _parse(argv: list[str]):

@@ -23,9 +23,9 @@ from diffmic_jax import train
 from tests import conftest
 from tests import tensorboard_test
 
-# The tiny config without the explanation PNGs (not what is compared, and slow).
+# The tiny config with two explanation PNGs (computed by process 0 alone).
 _FLAGS = ["--config", os.path.join(conftest.REPO, "configs", "test.py"),
-          "--config.training.eval_overlays=0"]
+          "--config.training.eval_overlays=2"]
 _LAST_STEP = 18  # (1 warm-up + 2 joint epochs) x 6 steps
 
 
@@ -110,6 +110,7 @@ def test_two_processes_killed_and_resumed_match_one_process_with_two_devices(
   assert sorted(scalars["train/loss"]) == list(range(6, _LAST_STEP))  # joint steps
   assert sorted(scalars["val/diffusion/accuracy"]) == sorted(ref_val)
   assert "eval_test/test_confusion" in images
+  assert len(glob.glob(str(tmp_path / "eval" / "overlays" / "*.png"))) == 2
   assert glob.glob(str(one_process_two_devices / "profile" / "**" / "*.xplane.pb"),
                    recursive=True)
   ref_state, got_state = _final_state(one_process_two_devices), _final_state(tmp_path)
