@@ -252,7 +252,7 @@ def builder_dir(settings: BuildSettings, data_dir: str) -> str:
                       settings.config_name(), VERSION)
 
 
-def _check_kind(kind: str) -> None:
+def check_kind(kind: str) -> None:
   if kind not in BUILDERS:
     raise ValueError(f"unknown dataset data.name={kind!r}; valid: {sorted(BUILDERS)} "
                      "(and 'demo')")
@@ -271,7 +271,7 @@ def prepare(settings: BuildSettings, data_dir: str = "") -> tfds.core.DatasetBui
   Raises:
     layouts.BadInputError, images.BadImageError: bad input (unless skip_bad_images).
   """
-  _check_kind(settings.kind)
+  check_kind(settings.kind)
   data_dir = data_dir or default_data_dir()
   path = builder_dir(settings, data_dir)
   if not os.path.isfile(os.path.join(path, "dataset_info.json")):
