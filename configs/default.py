@@ -111,4 +111,7 @@ def get_config() -> ml_collections.ConfigDict:
   training.keep_checkpoints = 3  # latest K kept; the best-on-validation one is kept apart.
   training.log_every_steps = 50
   training.distributed = False  # call jax.distributed.initialize() (multi-host).
+  # Resume even when fields that alter the run (model, data, optimiser, schedule, seed, ...)
+  # differ from DIR/config.json; the mix is recorded in DIR/config_changes.jsonl.
+  training.allow_config_change = False
   return config
