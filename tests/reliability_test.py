@@ -85,3 +85,200 @@ def test_stuck_resume_best_ahead_of_latest(reference, tiny_config, tmp_path):
   _assert_one_row_per_step(workdir)
   ckpt = checkpointing.Checkpointer(workdir, 10)
   assert ckpt.all_steps("best") == checkpointing.Checkpointer(reference[0]).all_steps("best")
+
+
+def _snapshot(workdir, names=("config.json", "split.json", "metrics.jsonl")):
+  return {name: open(os.path.join(workdir, name), "rb").read() for name in names}
+
+
+def test_refused_resume_leaves_the_records_untouched(reference, tiny_config, tmp_path):
+  workdir = _fresh_copy(reference, tmp_path)
+  before = _snapshot(workdir)
+  config = tiny_config()
+  config.training.keep_checkpoints = 10
+  config.optim.lr = 5e-4
+  config.ablation = "c2"
+  config.training.log_every_steps = 3  # safe: listed as accepted, not refused
+  with pytest.raises(errors.UserError) as refused:
+    train.train_and_evaluate(config, workdir)
+  message = str(refused.value)
+  assert "ablation ('full' -> 'c2')" in message and "optim.lr (0.001 -> 0.0005)" in message
+  assert "safe changes: training.log_every_steps (2 -> 3)" in message
+  assert "allow_config_change" in message and "\n" not in message
+  assert _snapshot(workdir) == before
+  assert not os.path.exists(os.path.join(workdir, "config_changes.jsonl"))
+  # Safe changes only: accepted and listed; an override is accepted and recorded.
+  config = tiny_config()
+  config.training.keep_checkpoints = 10
+  config.training.eval_every_epochs = 2
+  assert workdir_lib.check_resume_config(config, workdir)["accepted"] == [
+      "training.eval_every_epochs (1 -> 2)"]
+  config.seed = 7
+  config.training.allow_config_change = True
+  changes = workdir_lib.check_resume_config(config, workdir)
+  assert changes["overridden"] == ["seed (0 -> 7)"]
+  workdir_lib.write_records(config, workdir, changes)
+  recorded = [json.loads(line) for line in open(os.path.join(workdir, "config_changes.jsonl"))]
+  assert recorded[0]["overridden"] == ["seed (0 -> 7)"]
+  assert json.load(open(os.path.join(workdir, "config.json")))["seed"] == 7
+
+
+def test_eval_with_a_foreign_split_file_never_writes_split_json(reference, tiny_config,
+                                                               tmp_path):
+  workdir = _fresh_copy(reference, tmp_path)
+  before = _snapshot(workdir)
+  saved = json.load(open(os.path.join(workdir, "split.json")))
+  foreign = {"train": saved["train"] + saved["val"][:4], "val": saved["val"][4:],
+             "test": saved["test"]}
+  path = tmp_path / "foreign.json"
+  path.write_text(json.dumps(foreign))
+  config = tiny_config()
+  config.data.split_file = str(path)
+  train.evaluate_checkpoint(config, workdir, split="val", checkpoint="best")
+  assert _snapshot(workdir) == before
+  report = json.load(open(os.path.join(workdir, "eval", "val_metrics.json")))
+  assert report["heads"]["diffusion"]["num_examples"] == len(foreign["val"])
+
+
+def test_workdir_lock_is_exclusive_and_a_dead_holder_is_taken_over(tmp_path):
+  held = workdir_lib.lock(str(tmp_path))
+  try:
+    with pytest.raises(errors.UserError, match=f"lock is held by pid {os.getpid()}"):
+      workdir_lib.lock(str(tmp_path))
+    proc = _main("--config", "configs/test.py", "--workdir", str(tmp_path), timeout=120)
+    assert proc.returncode == 1
+    assert f"{tmp_path}/.lock is held by pid {os.getpid()}" in proc.stderr
+  finally:
+    held.close()
+  # A lock file left by a killed process: flock died with it, so the next run takes over.
+  (tmp_path / ".lock").write_text("999999\n")
+  again = workdir_lib.lock(str(tmp_path))
+  assert (tmp_path / ".lock").read_text() == f"{os.getpid()}\n"
+  again.close()
+
+
+def test_truncate_metrics_keeps_one_row_per_step(tmp_path):
+  rows = [{"step": s, "loss": 1.0} for s in range(6)] + [{"step": 6, "split": "val"}]
+  rows += [{"step": s, "loss": 2.0} for s in range(4, 8)] + ["not json"]
+  (tmp_path / "metrics.jsonl").write_text(
+      "".join((json.dumps(r) if isinstance(r, dict) else r) + "\n" for r in rows))
+  assert workdir_lib.truncate_metrics(str(tmp_path), 6) == {6}
+  kept = _rows(str(tmp_path))
+  assert [(r["step"], "split" in r) for r in kept] == [(s, False) for s in range(6)] + [
+      (6, True)]
+  assert all(r.get("loss", 1.0) == 1.0 for r in kept)  # the first row of each step
+
+
+@pytest.mark.parametrize("override,expected", [
+    ("--config.training.batch_sise=3", "batch_sise"),
+    ("--config.optim.lr=0", "config.optim.lr=0"),
+    ("--config.data.val_fraction=0", "config.data.val_fraction=0"),
+    ("--config.data.test_fraction=1.0", "config.data.test_fraction=1.0"),
+    ("--config.diffusion.mmd_kernel=laplace", "config.diffusion.mmd_kernel='laplace'"),
+])
+def test_bad_config_values_are_refused_up_front(tmp_path, override, expected):
+  # data.name=image_folder with a missing folder: the config check must come before the build.
+  proc = _main("--config", "configs/test.py", "--workdir", str(tmp_path / "run"), override,
+               "--config.data.name=image_folder",
+               f"--config.data.manual_dir={tmp_path / 'absent'}", timeout=120)
+  assert proc.returncode == 1
+  assert expected in proc.stderr
+  assert not (tmp_path / "run" / "config.json").exists()
+
+
+def _image(path, seed):
+  from PIL import Image  # pylint: disable=g-import-not-at-top
+  os.makedirs(os.path.dirname(path), exist_ok=True)
+  rng = np.random.default_rng(seed)
+  Image.fromarray(rng.integers(0, 255, (12, 12, 3), dtype=np.uint8)).save(path)
+
+
+def _folder(root, counts):
+  for c, count in counts.items():
+    for i in range(count):
+      _image(os.path.join(root, c, f"{i}.png"), hash((c, i)) % 1000)
+  return root
+
+
+def test_class_too_small_for_the_split_and_broken_link_are_one_line(tmp_path):
+  root = _folder(str(tmp_path / "images"), {"a": 10, "b": 10, "c": 1})
+  args = ["--config", "configs/test.py", "--config.data.name=image_folder",
+          f"--config.data.manual_dir={root}", "--config.data.num_classes=3",
+          f"--config.data.data_dir={tmp_path / 'tfds'}"]
+  proc = _main(*args, "--workdir", str(tmp_path / "run1"), timeout=120)
+  assert proc.returncode == 1
+  assert "class 'c' has 1 example(s), too few for the split" in proc.stderr
+  os.remove(os.path.join(root, "c", "0.png"))
+  os.rmdir(os.path.join(root, "c"))
+  os.symlink(os.path.join(root, "missing.png"), os.path.join(root, "a", "broken.png"))
+  proc = _main(*args, "--config.data.num_classes=2", "--workdir", str(tmp_path / "run2"),
+               timeout=120)
+  assert proc.returncode == 1
+  assert f"{root}/a/broken.png: broken link or not a regular file" in proc.stderr
+
+
+def test_stable_probs_of_exploded_and_non_finite_chains():
+  y0 = np.array([[[8e17, -8e17, 0.0]],            # exploded but finite: softmax is one-hot
+                 [[np.inf, 0.0, 0.0]],             # non-finite: no prediction
+                 [[np.log(2.0), 0.0, np.nan]],     # non-finite
+                 [[np.log(2.0), 0.0, 0.0]]])       # ordinary: (2, 1, 1) / 4
+  probs, diverged, non_finite = evaluate.stable_probs(y0)
+  np.testing.assert_array_equal(probs[0], [1.0, 0.0, 0.0])
+  assert np.isnan(probs[1]).all() and np.isnan(probs[2]).all()
+  np.testing.assert_allclose(probs[3], [0.5, 0.25, 0.25], rtol=1e-15)
+  assert diverged.tolist() == [1, 1, 1, 0] and non_finite.tolist() == [0, 1, 1, 0]
+  # Two chains, one diverged: the example keeps the finite chain's probabilities.
+  probs, diverged, _ = evaluate.stable_probs(np.array([[[0.0, np.log(3.0)], [np.nan, 0.0]]]))
+  np.testing.assert_allclose(probs[0], [0.25, 0.75], rtol=1e-15)
+  assert diverged.tolist() == [1]
+
+
+def test_non_finite_predictions_count_as_wrong():
+  labels = np.array([0, 1, 2, 0])
+  probs = np.array([[0.8, 0.1, 0.1], [np.nan] * 3, [0.1, 0.1, 0.8], [np.inf, 0.0, 0.0]])
+  m = metrics.classification_metrics(probs, labels, 3)
+  assert m["accuracy"] == 0.5 and m["num_nonfinite"] == 2
+  # Hand-computed: rows 1 and 3 are predicted as another class than their label.
+  assert np.trace(np.asarray(m["confusion_matrix"])) == 2
+  assert np.asarray(m["confusion_matrix"]).sum() == 4
+  lines = evaluate.divergence_lines({"dcg_fused": m}, "val")
+  assert lines == ["dcg_fused head on val: 2 of 4 examples without a finite prediction "
+                   "(counted as wrong)"]
+
+
+def test_diverged_validation_never_stops_training(reference, tiny_config, tmp_path,
+                                                  monkeypatch):
+  workdir = _fresh_copy(reference, tmp_path)
+  for step in (16, 18):
+    shutil.rmtree(os.path.join(workdir, "checkpoints", str(step)))
+  make = evaluate._sample_fn
+
+  def exploding(models, sampler_name, num_steps, num_samples):
+    fn = make(models, sampler_name, num_steps, num_samples)
+
+    def sample(variables, images, key):
+      out = dict(fn(variables, images, key))
+      y0 = np.array(out["y0"])
+      y0[::2] = np.inf  # every other example's chain diverges
+      y0[1::4] *= 1e17  # and some explode while staying finite
+      return {**out, "y0": y0}
+    return sample
+
+  monkeypatch.setattr(evaluate, "_sample_fn", exploding)
+  config = tiny_config()
+  config.training.keep_checkpoints = 10
+  results = train.train_and_evaluate(config, workdir)
+  assert results["diffusion"]["num_nonfinite"] == (results["diffusion"]["num_examples"] + 1) // 2
+  assert results["diffusion"]["num_diverged"] > results["diffusion"]["num_nonfinite"]
+  val_rows = [r for r in _rows(workdir) if "split" in r]
+  assert val_rows[-1]["step"] == 18 and val_rows[-1]["val_diffusion_diverged"] > 0
+  report = json.load(open(os.path.join(workdir, "eval", "test_metrics.json")))
+  assert report["heads"]["diffusion"]["num_diverged"] == results["diffusion"]["num_diverged"]
+
+
+def test_resume_names_the_stage_it_resumes_in(reference, tiny_config):
+  run = train._prepare(tiny_config(), reference[0])
+  plan = train.stage_plan(run.models, run.config, run.steps_per_epoch)
+  assert [train._stage_at(plan, s, run) for s in (0, 5, 6, 17, 18)] == [
+      "warmup", "warmup", "joint", "joint", "done"]
+  run.checkpointer.close()
