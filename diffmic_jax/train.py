@@ -267,35 +267,37 @@ def run_stage(run: _Run, stage: Stage, step_fn, state, train_iter, meta, writer)
   # The previous stage's prefetcher read ahead; rewind to the last batch actually consumed.
   train_iter.set_state(iter_state)
   batches = sharding.prefetch(train_iter, run.mesh, with_state=True)
-  for step in range(first, end):
-    batch, iter_state = next(batches)
-    state, metrics = step_fn(state, batch)
-    pending.append((step, metrics))
-    done = step + 1
-    epoch_end = (done - stage.start) % run.steps_per_epoch == 0
-    epoch = _validation_epoch(run, stage, done)
-    save = done % cfg.checkpoint_every_steps == 0 or done == end or epoch is not None
-    # Metrics are checked before every save, so a non-finite state is never checkpointed.
-    if done % cfg.log_every_steps == 0 or epoch_end or save:
-      _log_interval(history, pending, writer, bar)
-      _check_finite(history[-len(pending):], run.workdir)
-      pending = []
-    meta = {**meta, "data_iter": iter_state, "stage": stage.name}
-    if save:
-      _save(run, "latest", state, meta)
-    if epoch is not None:
-      meta = _validate_and_keep_best(run, state, meta, epoch, writer)
-  bar.close()
+  try:  # the bar is closed before an error is printed, so the error is the last line
+    for step in range(first, end):
+      batch, iter_state = next(batches)
+      state, metrics = step_fn(state, batch)
+      pending.append((step, metrics))
+      done = step + 1
+      epoch_end = (done - stage.start) % run.steps_per_epoch == 0
+      epoch = _validation_epoch(run, stage, done)
+      save = done % cfg.checkpoint_every_steps == 0 or done == end or epoch is not None
+      # Metrics are checked before every save, so a non-finite state is never checkpointed.
+      if done % cfg.log_every_steps == 0 or epoch_end or save:
+        _log_interval(history, pending, writer, bar)
+        _check_finite(history[-len(pending):], run.workdir)
+        pending = []
+      meta = {**meta, "data_iter": iter_state, "stage": stage.name}
+      if save:
+        _save(run, "latest", state, meta)
+      if epoch is not None:
+        meta = _validate_and_keep_best(run, state, meta, epoch, writer)
+  finally:
+    bar.close()
   return state, meta
 
 
 def _validate_and_keep_best(run, state, meta, epoch, writer):
-  split = "test" if run.config.training.select_best_on == "test" else "val"
   """Validates, saves a new best checkpoint, then writes the validation row to metrics.jsonl.
 
   The row is written only once the best checkpoint is finished, so a row in metrics.jsonl means
   that this step's validation is complete (a resumed run redoes it otherwise).
   """
+  split = "test" if run.config.training.select_best_on == "test" else "val"
   results = validate(run, state, split)
   head, main = next(iter(results.items()))
   step = int(state.step)

@@ -282,3 +282,56 @@ def test_resume_names_the_stage_it_resumes_in(reference, tiny_config):
   assert [train._stage_at(plan, s, run) for s in (0, 5, 6, 17, 18)] == [
       "warmup", "warmup", "joint", "joint", "done"]
   run.checkpointer.close()
+
+
+def test_refused_pickle_is_one_line(tmp_path):
+  import pickle  # pylint: disable=g-import-not-at-top
+  evil = tmp_path / "train.pkl"
+  evil.write_bytes(pickle.dumps([{"img_root": os.path.join, "label": 0}]))
+  proc = _main("--config", "configs/test.py", "--workdir", str(tmp_path / "run"),
+               "--config.data.name=official_pickle", f"--config.data.train_pickle={evil}",
+               f"--config.data.test_pickle={evil}", f"--config.data.data_dir={tmp_path}",
+               timeout=120)
+  assert proc.returncode == 1
+  assert f"{evil}: refusing to load posixpath.join" in proc.stderr
+
+
+def test_damaged_official_checkpoint_is_one_line(tmp_path):
+  torch = pytest.importorskip("torch")
+  good = tmp_path / "ckpt.pth"
+  torch.save([{"w": torch.zeros(2)}, {}, 0, 0], good)
+  truncated = tmp_path / "aux_ckpt.pth"
+  truncated.write_bytes(good.read_bytes()[:100])
+  env = {**os.environ, "PYTHONPATH": conftest.REPO}
+  for ckpt, aux, name in ((truncated, good, truncated), (good, tmp_path / "x.pth", None)):
+    if name is None:
+      (tmp_path / "x.pth").write_bytes(b"not a checkpoint")
+      name = tmp_path / "x.pth"
+    args = ["official", "--config", "configs/test.py", f"--ckpt={ckpt}", f"--aux-ckpt={aux}",
+            f"--workdir={tmp_path / 'run'}"]
+    proc = subprocess.run([sys.executable, "-m", "diffmic_jax.convert", *args],
+                          cwd=conftest.REPO, env=env, capture_output=True, text=True, timeout=120)
+    USER_ERROR_OUTPUTS.append((args, proc.stdout + proc.stderr))
+    assert proc.returncode == 1
+    assert f"error: {name}: " in proc.stderr and "PyTorch checkpoint" in proc.stderr
+
+
+def test_diverging_training_stops_with_one_line_and_keeps_its_checkpoint(tmp_path):
+  proc = _main("--config", "configs/test.py", "--workdir", str(tmp_path),
+               "--config.optim.lr=1e30", timeout=300)
+  assert proc.returncode == 1
+  line = proc.stderr.strip().splitlines()[-1]  # the error is the last line, after the bar
+  assert line.startswith("error: non-finite") and "the last good checkpoint is kept" in line
+  bad_step = int(line.split(" at step ")[1].split(";")[0])
+  # Every checkpoint precedes the first non-finite step, and nothing was validated after it.
+  steps = checkpointing.Checkpointer(str(tmp_path)).all_steps()
+  assert steps and max(steps) <= bad_step
+
+
+def test_no_traceback_in_user_errors():
+  """Every user error provoked above: exit 1 with one `error:` line, never a traceback."""
+  assert len(USER_ERROR_OUTPUTS) >= 10
+  for args, output in USER_ERROR_OUTPUTS:
+    assert "Traceback" not in output, (args, output[-3000:])
+    errors_printed = [line for line in output.splitlines() if line.startswith("error: ")]
+    assert len(errors_printed) == 1, (args, output[-3000:])
