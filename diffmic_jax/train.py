@@ -514,8 +514,8 @@ def _restore_latest(run: _Run, guidance_tx, denoiser_tx, train_iter, plan):
       run.checkpointer.delete("best", stale)
   if best:
     best_meta = run.checkpointer.read_meta("best", max(best))
-    meta = {**meta, "best_accuracy": best_meta["best_accuracy"],
-            "best_step": best_meta["best_step"]}
+    meta = {**meta, "best_accuracy": best_meta.get("best_accuracy", -1.0),
+            "best_step": best_meta.get("best_step", max(best))}
   else:
     meta = {**meta, "best_accuracy": -1.0, "best_step": None}
   return state, meta, step

@@ -297,7 +297,8 @@ def list_manifest(manifest: str, root: str, class_names: Sequence[str],
       problems.report(where, f"image {path} not found")
       continue
     if row["path"] in seen:
-      raise BadInputError(f"{where}: path listed twice")
+      problems.report(where, "path listed twice; expected each image once")
+      continue
     seen.add(row["path"])
     records.append(Record(row["path"], path, names.index(row["label"]), row.get("group", ""),
                           split))
