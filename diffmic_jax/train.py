@@ -503,8 +503,9 @@ def _restore_latest(run: _Run, guidance_tx, denoiser_tx, train_iter, plan):
     if meta.get("data_iter") is not None:  # None: imported from the official code.
       train_iter.set_state(meta["data_iter"])
     meta = {**meta, "data_iter": train_iter.get_state()}
-    print(f"Resuming from checkpoint at step {latest} (stage "
-          f"{_stage_at(plan, latest, run)}).", flush=True)
+    stage = _stage_at(plan, latest, run)
+    where = "training finished; evaluating" if stage == "done" else f"stage {stage}"
+    print(f"Resuming from checkpoint at step {latest} ({where}).", flush=True)
   step = latest or 0
   best = [s for s in run.checkpointer.all_steps("best") if s <= step]
   for stale in run.checkpointer.all_steps("best"):

@@ -155,6 +155,10 @@ def test_workdir_lock_is_exclusive_and_a_dead_holder_is_taken_over(tmp_path):
   again = workdir_lib.lock(str(tmp_path))
   assert (tmp_path / ".lock").read_text() == f"{os.getpid()}\n"
   again.close()
+  # A workdir that cannot be written (here: a file in its place) is one line naming it.
+  (tmp_path / "file").write_text("")
+  with pytest.raises(errors.UserError, match=r"--workdir .*/file: cannot create .*/file/\.lock"):
+    workdir_lib.lock(str(tmp_path / "file"))
 
 
 def test_truncate_metrics_keeps_one_row_per_step(tmp_path):
@@ -330,6 +334,8 @@ def test_diverging_training_stops_with_one_line_and_keeps_its_checkpoint(tmp_pat
 
 def test_no_traceback_in_user_errors():
   """Every user error provoked above: exit 1 with one `error:` line, never a traceback."""
+  if not USER_ERROR_OUTPUTS:
+    pytest.skip("run with the command-line tests of this module, which collect the outputs")
   assert len(USER_ERROR_OUTPUTS) >= 10
   for args, output in USER_ERROR_OUTPUTS:
     assert "Traceback" not in output, (args, output[-3000:])
