@@ -131,4 +131,7 @@ def get_config() -> ml_collections.ConfigDict:
   # images, the most confidently wrong first; 0 writes none.
   training.eval_overlays = 16
   training.distributed = False  # call jax.distributed.initialize() (multi-host).
+  # Resume even when fields that alter the run (model, data, optimiser, schedule, seed, ...)
+  # differ from DIR/config.json; the mix is recorded in DIR/config_changes.jsonl.
+  training.allow_config_change = False
   return config

@@ -70,6 +70,16 @@ class Checkpointer:
         state=ocp.args.StandardRestore(target), meta=ocp.args.JsonRestore()))
     return restored["state"], restored["meta"]
 
+  def read_meta(self, kind: str, step: int) -> dict:
+    """The JSON meta item of one checkpoint (the state is not read)."""
+    restored = self._managers[kind].restore(int(step), args=ocp.args.Composite(
+        meta=ocp.args.JsonRestore()))
+    return restored["meta"]
+
+  def delete(self, kind: str, step: int) -> None:
+    """Removes one finished checkpoint (a stale one the resumed run will write again)."""
+    self._managers[kind].delete(int(step))
+
   def wait(self) -> None:
     for manager in self._managers.values():
       manager.wait_until_finished()

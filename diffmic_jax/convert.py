@@ -44,6 +44,7 @@ import jax.numpy as jnp
 from ml_collections import config_flags
 import numpy as np
 
+from diffmic_jax import errors
 from diffmic_jax import pretrained
 
 OFFICIAL_ABLATIONS = ("c2", "full")
@@ -143,15 +144,22 @@ def load_official_file(path: str, trust: bool = False):
   torch = pretrained.require_torch()
   if not os.path.exists(path):
     raise FileNotFoundError(f"checkpoint {path} does not exist")
+  pretrained.check_torch_file(path)
   try:
     return torch.load(path, map_location="cpu", weights_only=True)
   except pickle.UnpicklingError as e:
     if not trust:
-      raise ValueError(f"{path} holds objects beyond tensors and containers, which torch's "
-                       "weights-only loader refuses; if you trust the file, rerun with "
-                       f"--trust-checkpoint (full unpickling). Loader said: {e}") from e
+      raise errors.UserError(f"{path} holds objects beyond tensors and containers, which "
+                             "torch's weights-only loader refuses; if you trust the file, rerun "
+                             f"with --trust-checkpoint (full unpickling). Loader said: {e}") from e
+  except (RuntimeError, EOFError, OSError) as e:
+    raise errors.UserError(f"{path}: not a readable PyTorch checkpoint ({e}); expected an "
+                           "official ckpt.pth / aux_ckpt.pth saved by torch.save") from e
   # The user vouched for the file (--trust-checkpoint): full unpickling, see the docstring.
-  return torch.load(path, map_location="cpu", weights_only=False)
+  try:
+    return torch.load(path, map_location="cpu", weights_only=False)
+  except (pickle.UnpicklingError, RuntimeError, EOFError, OSError) as e:
+    raise errors.UserError(f"{path}: not a readable PyTorch checkpoint ({e})") from e
 
 
 def _is_state_dict(obj) -> bool:
@@ -353,7 +361,8 @@ def main(argv):
     logging.set_verbosity(logging.WARNING)  # orbax logs every save step at INFO.
   try:
     run_command(argv[1])
-  except (pretrained.WeightMismatchError, FileNotFoundError, ImportError) as e:
+  except (errors.UserError, pretrained.WeightMismatchError, FileNotFoundError,
+          ImportError) as e:
     sys.exit(f"error: {e}")
 
 

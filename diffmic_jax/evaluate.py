@@ -8,9 +8,11 @@ see what the diffusion adds.
 import csv
 import functools
 import os
+import re
 
 import jax
 import numpy as np
+import tqdm
 from jax.experimental import multihost_utils
 
 from diffmic_jax import explain
@@ -36,8 +38,35 @@ def eval_variables(variables: dict, ema_params, use_ema: bool) -> dict:
   return {**variables, "denoiser": {**variables["denoiser"], "params": ema_params}}
 
 
+# |ŷ₀| beyond this is a diverged chain: ŷ₀ lives near the one-hot simplex (|ŷ₀| ~ 1).
+DIVERGED_ABS = 1e3
+
+
+def stable_probs(y0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+  """softmax(ŷ₀) averaged over chains, computed so that huge or non-finite ŷ₀ cannot crash.
+
+  Args:
+    y0: [N, S, C] final ŷ₀ of S chains per example (or classifier logits, S = 1).
+
+  Returns:
+    (probs [N, C] float64: the mean over the finite chains, NaN where no chain is finite (such
+     examples count as wrong, see `metrics.classification_metrics`); diverged [N] chains that
+     are non-finite or beyond DIVERGED_ABS; non_finite [N] chains with a NaN or inf).
+  """
+  y0 = np.asarray(y0, np.float64)
+  finite = np.isfinite(y0).all(axis=-1)  # [N, S]
+  safe = np.where(finite[..., None], y0, 0.0)
+  z = np.exp(safe - safe.max(axis=-1, keepdims=True))  # max-shifted: no overflow for any size
+  chain_probs = z / z.sum(axis=-1, keepdims=True)
+  count = finite.sum(axis=1)
+  with np.errstate(invalid="ignore", divide="ignore"):
+    probs = (chain_probs * finite[..., None]).sum(axis=1) / count[:, None]
+  exploded = finite & (np.abs(safe).max(axis=-1) > DIVERGED_ABS)
+  return probs, (~finite | exploded).sum(axis=1), (~finite).sum(axis=1)
+
+
 def predict(models, variables, batches, key, mesh, *, sampler_name: str, num_steps: int,
-            num_samples: int = 1) -> dict:
+            num_samples: int = 1, progress: str | None = None) -> dict:
   """Runs the sampler over every batch and gathers the unpadded outputs on the host.
 
   Args:
@@ -47,29 +76,46 @@ def predict(models, variables, batches, key, mesh, *, sampler_name: str, num_ste
     key: PRNG key; batch i uses fold_in(key, i).
     mesh: the ('data',) mesh.
     sampler_name, num_steps, num_samples: see `sampler.make_sample_fn`.
+    progress: a progress-bar label (process 0), or None for no bar.
 
   Returns:
-    {'labels': [N], 'fused'/'global'/'local': [N, C] guidance logits, and the SAMPLE_KEYS of
-    `sampler.sample`: 'probs' [N, C], 'entropy' [N], 'vote_probs' [N, C], 'agreement' [N],
-    'interval_separated' [N]}.
+    {'labels': [N], 'probs': [N, C] (`stable_probs`), 'diverged', 'non_finite': [N] chains per
+     example, 'fused'/'global'/'local': [N, C] guidance logits, and the other SAMPLE_KEYS of
+     `sampler.sample`: 'entropy' [N], 'vote_probs' [N, C], 'agreement' [N],
+     'interval_separated' [N]}.
   """
   sample_fn = _sample_fn(models, sampler_name, num_steps, num_samples)
-  outputs = []
+  bar = tqdm.tqdm(total=len(batches) if hasattr(batches, "__len__") else None, desc=progress,
+                  unit="batch", leave=False, dynamic_ncols=True,
+                  disable=progress is None or jax.process_index() != 0)
+  outputs, in_flight = [], None
   for i, batch in enumerate(sharding.prefetch(batches, mesh)):
     out = sample_fn(variables, batch["image"], jax.random.fold_in(key, i))
-    outputs.append({"labels": batch["label"], "mask": batch["mask"],
-                    **{k: out[k] for k in SAMPLE_KEYS}, **out["guidance_logits"]})
+    outputs.append({"labels": batch["label"], "mask": batch["mask"], "y0": out["y0"],
+                    **{k: out[k] for k in SAMPLE_KEYS if k != "probs"},
+                    **out["guidance_logits"]})
+    if in_flight is not None:  # one batch stays queued; the bar counts finished ones
+      jax.block_until_ready(in_flight)
+      bar.update(1)
+    in_flight = out["y0"]
+  if in_flight is not None:
+    jax.block_until_ready(in_flight)
+    bar.update(1)
+  bar.close()
   if not outputs:
     raise ValueError("evaluation split is empty")
   gathered = multihost_utils.process_allgather(outputs, tiled=True)
   merged = {k: np.concatenate([np.asarray(o[k]) for o in gathered]) for k in gathered[0]}
   mask = merged.pop("mask").astype(bool)
-  return {k: v[mask] for k, v in merged.items()}
+  merged = {k: v[mask] for k, v in merged.items()}
+  merged["probs"], merged["diverged"], merged["non_finite"] = stable_probs(merged.pop("y0"))
+  return merged
 
 
 def _softmax(logits):
-  z = np.exp(logits - logits.max(axis=1, keepdims=True))
-  return z / z.sum(axis=1, keepdims=True)
+  """Row softmax in float64; rows with a non-finite logit give NaN (counted as wrong)."""
+  probs, _, _ = stable_probs(np.asarray(logits)[:, None, :])
+  return probs
 
 
 def score(predictions: dict, num_classes: int, with_diffusion: bool = True,
@@ -81,11 +127,26 @@ def score(predictions: dict, num_classes: int, with_diffusion: bool = True,
   if with_diffusion:
     results["diffusion"] = metrics.classification_metrics(predictions["probs"], labels,
                                                           num_classes)
+    if "diverged" in predictions:
+      results["diffusion"]["num_diverged"] = int(np.sum(predictions["diverged"]))
   heads = {f"dcg_{h}": h for h in ("fused", "global", "local")} if dcg else {"classifier": "fused"}
   for name, head in heads.items():
     results[name] = metrics.classification_metrics(
         _softmax(predictions[head].astype(np.float64)), labels, num_classes)
   return results
+
+
+def divergence_lines(results: dict, split: str) -> list[str]:
+  """One line per head that had diverged chains or non-finite outputs on `split`."""
+  lines = []
+  for head, m in results.items():
+    diverged, non_finite = m.get("num_diverged", 0), m.get("num_nonfinite", 0)
+    if diverged or non_finite:
+      chains = f"{diverged} chains diverged (|ŷ₀| > {DIVERGED_ABS:g} or non-finite), " \
+          if "num_diverged" in m else ""
+      lines.append(f"{head} head on {split}: {chains}{non_finite} of {m['num_examples']} "
+                   "examples without a finite prediction (counted as wrong)")
+  return lines
 
 
 def write_report(results: dict, class_names, workdir: str, split: str, extra: dict) -> str:
@@ -116,7 +177,8 @@ def write_predictions(predictions: dict, ids, class_names, workdir: str, split: 
     writer.writerow(["id", "label", "prediction", "dcg_fused_prediction"]
                     + [f"p_{name}" for name in class_names])
     for i, label in enumerate(labels):
-      writer.writerow([ids[i], int(label), int(probs[i].argmax()), int(fused[i])]
+      prediction = int(probs[i].argmax()) if np.isfinite(probs[i]).all() else -1  # diverged
+      writer.writerow([ids[i], int(label), prediction, int(fused[i])]
                       + [f"{p:.6f}" for p in probs[i]])
   os.replace(path + ".tmp", path)
 
@@ -166,6 +228,13 @@ def write_uncertainty_report(report: dict, workdir: str, split: str) -> None:
                                f"{split}: reliability")
 
 
+def _file_stem(example_id) -> str:
+  """An example id (which may be a relative path such as 'benign/benign (1).png') as one safe
+  file-name component."""
+  stem = os.path.splitext(str(example_id))[0]
+  return re.sub(r"[^A-Za-z0-9._-]+", "_", stem).strip("_") or "example"
+
+
 def write_overlays(models, variables, source, predictions: dict, ids, class_names,
                    workdir: str, split: str, num: int, batch_size: int) -> list[str]:
   """Explanation PNGs (`explain`) of `num` examples of the split, the most confidently wrong
@@ -188,7 +257,7 @@ def write_overlays(models, variables, source, predictions: dict, ids, class_name
   for rank, (i, image, aux) in enumerate(zip(chosen, images, auxes)):
     k = int(predictions["probs"][i].argmax())
     tag = "_wrong" if k != int(labels[i]) else ""
-    path = os.path.join(out_dir, f"{split}_{rank:03d}_{ids[i]}{tag}.png")
+    path = os.path.join(out_dir, f"{split}_{rank:03d}_{_file_stem(ids[i])}{tag}.png")
     explain.save_overlay(path, image, aux, class_index=k, crop_size=crop_size,
                          title=explain.title(class_names, predictions, i, labels[i]))
     paths.append(path)

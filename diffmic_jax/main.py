@@ -18,10 +18,12 @@ from absl import flags
 from absl import logging
 from ml_collections import config_flags
 
+from diffmic_jax import errors
 from diffmic_jax import host
 from diffmic_jax import predict
 from diffmic_jax import summary
 from diffmic_jax import train
+from diffmic_jax import workdir as workdir_lib
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file.",
                                           lock_config=True)
@@ -38,9 +40,11 @@ _OVERLAYS = flags.DEFINE_bool("overlays", False, "--mode predict: write an expla
                                "(CAM, ROI boxes, attention) per image to OUTPUT/overlays.")
 _SPLIT = flags.DEFINE_enum("split", "test", ["test", "val", "train"], "--mode eval: split.")
 
-# Errors a user can fix (a bad config value, a missing file or checkpoint): one clear line and
-# exit status 1 instead of a traceback.
-USER_ERRORS = (ValueError, FileNotFoundError, FloatingPointError, KeyError)
+# Errors a user can fix (a bad config value, a missing file or checkpoint, a workdir that cannot
+# be written): one clear line and exit status 1 instead of a traceback. KeyError, TypeError and
+# the rest are bugs and keep their traceback.
+USER_ERRORS = (errors.UserError, ValueError, FileNotFoundError, PermissionError,
+               FloatingPointError)
 
 
 def _enable_compilation_cache() -> None:
@@ -66,16 +70,17 @@ def _run(argv) -> None:
     predict.predict_files(config, workdir, _INPUT.value, _OUTPUT.value, _CHECKPOINT.value,
                           overlays=_OVERLAYS.value)
     return
-  os.makedirs(workdir, exist_ok=True)
   logging.info("devices: %s", jax.devices())
-  if jax.process_index() == 0:
-    name = "config.json" if _MODE.value == "train" else "eval_config.json"
-    with open(os.path.join(workdir, name), "w") as f:
-      f.write(config.to_json_best_effort(indent=2))
   if _MODE.value == "train":
+    # train_and_evaluate locks the workdir and writes config.json once the run is accepted.
     train.train_and_evaluate(config, workdir)
-  else:
-    train.evaluate_checkpoint(config, workdir, split=_SPLIT.value, checkpoint=_CHECKPOINT.value)
+    return
+  if not os.path.isdir(workdir):
+    raise errors.UserError(f"--workdir {workdir}: no such directory (train first)")
+  train.evaluate_checkpoint(config, workdir, split=_SPLIT.value, checkpoint=_CHECKPOINT.value)
+  if jax.process_index() == 0:  # the config of the last evaluation, written after it succeeded
+    workdir_lib.write_text(os.path.join(workdir, "eval_config.json"),
+                                config.to_json_best_effort(indent=2))
 
 
 def main(argv) -> None:
@@ -95,6 +100,17 @@ def main(argv) -> None:
     sys.exit(1)
 
 
+def _parse_flags(argv):
+  """absl's parser, with a misspelled `--config.a.b` field reported as one line, not a traceback."""
+  try:
+    return app.parse_flags_with_usage(argv)
+  except (AttributeError, KeyError) as e:  # raised by ml_collections for an unknown field
+    bad = [a.split("=")[0] for a in argv[1:] if a.startswith("--config.")]
+    hint = " ".join(str(e.args[0] if e.args else e).replace("\\'", "'").split("\\n")).strip("'")
+    print(f"error: unknown config field in {bad}: {hint}", file=sys.stderr)
+    sys.exit(1)
+
+
 if __name__ == "__main__":
   flags.mark_flags_as_required(["config"])
-  app.run(main)
+  app.run(main, flags_parser=_parse_flags)

@@ -46,17 +46,22 @@ def classification_metrics(probs, labels, num_classes: int) -> dict:
   """All metrics of one classifier on one split.
 
   Args:
-    probs: [N, C] class probabilities (softmax of ŷ₀ or of guidance logits).
+    probs: [N, C] class probabilities (softmax of ŷ₀ or of guidance logits); a row with a
+      non-finite entry (a diverged prediction) counts as wrong: its prediction is another class
+      than the label, its probabilities uniform for AUC and ECE.
     labels: [N] integer labels.
     num_classes: C.
 
   Returns:
     accuracy, macro/weighted F1, quadratic-weighted kappa, balanced accuracy, macro OvR AUC,
-    ECE, per-class precision/sensitivity/specificity and the confusion matrix (rows = truth).
+    ECE, per-class precision/sensitivity/specificity, the confusion matrix (rows = truth) and
+    num_nonfinite (rows counted as wrong).
   """
   probs = np.asarray(probs, np.float64)
   labels = np.asarray(labels, np.int64)
-  preds = probs.argmax(axis=1)
+  finite = np.isfinite(probs).all(axis=1)
+  probs = np.where(finite[:, None], probs, 1.0 / num_classes)
+  preds = np.where(finite, probs.argmax(axis=1), (labels + 1) % num_classes)
   classes = list(range(num_classes))
   confusion = skm.confusion_matrix(labels, preds, labels=classes)
   f1 = lambda avg: float(skm.f1_score(labels, preds, labels=classes, average=avg, zero_division=0))
@@ -75,6 +80,7 @@ def classification_metrics(probs, labels, num_classes: int) -> dict:
       "ece": expected_calibration_error(probs, labels),
       "per_class": per_class(confusion),
       "confusion_matrix": confusion.tolist(),
+      "num_nonfinite": int(np.sum(~finite)),
   }
 
 
@@ -106,8 +112,9 @@ def save_confusion_png(confusion, class_names, path: str, title: str) -> None:
   display.plot(ax=ax, colorbar=False, xticks_rotation=45)
   ax.set_title(title)
   fig.tight_layout()
-  fig.savefig(path, dpi=100)
+  fig.savefig(path + ".tmp", dpi=100, format="png")  # atomic: a reader never sees half a PNG
   plt.close(fig)
+  os.replace(path + ".tmp", path)
 
 
 def write_json(path: str, payload) -> None:

@@ -19,6 +19,7 @@ import optax
 import tqdm
 
 from diffmic_jax import checkpointing
+from diffmic_jax import errors
 from diffmic_jax import diffusion
 from diffmic_jax import evaluate
 from diffmic_jax import input_pipeline
@@ -27,6 +28,7 @@ from diffmic_jax import models as models_lib
 from diffmic_jax import optim
 from diffmic_jax import pretrained
 from diffmic_jax import sharding
+from diffmic_jax import workdir as workdir_lib
 
 
 @flax.struct.dataclass
@@ -169,12 +171,14 @@ def _check_finite(rows, workdir):
 
 
 def _log_interval(pending, writer, bar):
-  """Fetches the pending device metrics (one transfer), appends them to metrics.jsonl."""
+  """Fetches the pending device metrics (one transfer), appends them to metrics.jsonl and
+  advances the progress bar: fetching waits for the steps, so the bar counts finished ones."""
   fetched = jax.device_get(pending)
   rows = [(step, {k: float(v) for k, v in m.items()}) for step, m in fetched]
   for step, m in rows:
     writer.write(json.dumps({"step": step, **m}) + "\n")
   writer.flush()
+  bar.update(len(rows))
   step, last = rows[-1]
   bar.set_postfix({k: f"{v:.4g}" for k, v in last.items() if k in ("loss", "dcg_loss", "lr")})
   return rows
@@ -187,7 +191,7 @@ def validate(run: _Run, state: TrainState, split: str) -> dict:
   batches = _eval_batches(run, getattr(run.splits, split))
   predictions = evaluate.predict(run.models, variables, batches, run.eval_key, run.mesh,
                                  sampler_name=d.val_sampler, num_steps=d.val_timesteps,
-                                 num_samples=d.num_samples)
+                                 num_samples=d.num_samples, progress=f"validation ({split})")
   return _score(run.models, predictions)
 
 
@@ -209,10 +213,29 @@ def _save(run, kind, state, meta):
   run.checkpointer.save(kind, int(state.step), state, meta)
 
 
+def _stage_end(run: _Run, stage: Stage) -> int:
+  return stage.start + stage.num_epochs * run.steps_per_epoch
+
+
+def _validation_epoch(run: _Run, stage: Stage, done: int):
+  """The epoch (0-based) validated when `done` steps have finished, or None if none is due."""
+  if not stage.validate or not stage.start < done <= _stage_end(run, stage):
+    return None
+  if (done - stage.start) % run.steps_per_epoch:
+    return None
+  epoch = (done - stage.start) // run.steps_per_epoch - 1
+  due = epoch % run.config.training.eval_every_epochs == 0 or done == _stage_end(run, stage)
+  return epoch if due else None
+
+
 def run_stage(run: _Run, stage: Stage, step_fn, state, train_iter, meta, writer):
-  """Trains one stage from the state's step to its end; returns the new state."""
+  """Trains one stage from the state's step to its end; returns the new state.
+
+  At a validation step the latest checkpoint is saved first, so validation can never lose the
+  epoch's training; a resumed run validates a step whose validation has no row yet.
+  """
   cfg = run.config.training
-  end = stage.start + stage.num_epochs * run.steps_per_epoch
+  end = _stage_end(run, stage)
   first = int(state.step)
   pending, iter_state = [], meta["data_iter"]
   bar = tqdm.tqdm(total=end - stage.start, initial=first - stage.start, desc=stage.name,
@@ -220,45 +243,58 @@ def run_stage(run: _Run, stage: Stage, step_fn, state, train_iter, meta, writer)
   # The previous stage's prefetcher read ahead; rewind to the last batch actually consumed.
   train_iter.set_state(iter_state)
   batches = sharding.prefetch(train_iter, run.mesh, with_state=True)
-  for step in range(first, end):
-    batch, iter_state = next(batches)
-    state, metrics = step_fn(state, batch)
-    pending.append((step, metrics))
-    bar.update(1)
-    done = step + 1
-    epoch_end = (done - stage.start) % run.steps_per_epoch == 0
-    save = done % cfg.checkpoint_every_steps == 0 or done == end
-    # Metrics are checked before every save, so a non-finite state is never checkpointed.
-    if done % cfg.log_every_steps == 0 or epoch_end or save:
-      _check_finite(_log_interval(pending, writer, bar), run.workdir)
-      pending = []
-    meta = {**meta, "data_iter": iter_state, "stage": stage.name}
-    if epoch_end and stage.validate:
-      epoch = (done - stage.start) // run.steps_per_epoch - 1
-      if epoch % cfg.eval_every_epochs == 0 or done == end:
+  try:  # the bar is closed before an error is printed, so the error is the last line
+    for step in range(first, end):
+      batch, iter_state = next(batches)
+      state, metrics = step_fn(state, batch)
+      pending.append((step, metrics))
+      done = step + 1
+      epoch_end = (done - stage.start) % run.steps_per_epoch == 0
+      epoch = _validation_epoch(run, stage, done)
+      save = done % cfg.checkpoint_every_steps == 0 or done == end or epoch is not None
+      # Metrics are checked before every save, so a non-finite state is never checkpointed.
+      if done % cfg.log_every_steps == 0 or epoch_end or save:
+        _check_finite(_log_interval(pending, writer, bar), run.workdir)
+        pending = []
+      meta = {**meta, "data_iter": iter_state, "stage": stage.name}
+      if save:
+        _save(run, "latest", state, meta)
+      if epoch is not None:
         meta = _validate_and_keep_best(run, state, meta, epoch, writer)
-    if save:
-      _save(run, "latest", state, meta)
-  bar.close()
+  finally:
+    bar.close()
   return state, meta
 
 
 def _validate_and_keep_best(run, state, meta, epoch, writer):
+  """Validates, saves a new best checkpoint, then writes the validation row to metrics.jsonl.
+
+  The row is written only once the best checkpoint is finished, so a row in metrics.jsonl means
+  that this step's validation is complete (a resumed run redoes it otherwise).
+  """
   split = "test" if run.config.training.select_best_on == "test" else "val"
   results = validate(run, state, split)
   head, main = next(iter(results.items()))  # the diffusion head, else the guidance model.
   metric = run.config.training.select_metric
-  summary = {"step": int(state.step), "epoch": epoch, "split": split,
+  step = int(state.step)
+  summary = {"step": step, "epoch": epoch, "split": split,
              **{f"{split}_{h}_accuracy": m["accuracy"] for h, m in results.items()},
-             f"{split}_{head}_f1_macro": main["f1_macro"]}
-  writer.write(json.dumps(summary) + "\n")
-  writer.flush()
+             f"{split}_{head}_f1_macro": main["f1_macro"],
+             **{f"{split}_{h}_diverged": m["num_diverged"] for h, m in results.items()
+                if m.get("num_diverged")}}
   tqdm.tqdm.write(f"epoch {epoch} {split}: {head} accuracy {main['accuracy']:.4f}, "
                   f"macro F1 {main['f1_macro']:.4f}")
+  for line in evaluate.divergence_lines(results, split):
+    tqdm.tqdm.write(f"warning: step {step}: {line}")
   if main[metric] > meta["best_accuracy"]:
     # 'best_accuracy' keeps its name in checkpoint metadata; it holds the selection metric.
-    meta = {**meta, "best_accuracy": main[metric], "best_step": int(state.step)}
+    meta = {**meta, "best_accuracy": main[metric], "best_step": step}
+    if step in run.checkpointer.all_steps("best"):  # same state, from an interrupted run
+      run.checkpointer.delete("best", step)
     _save(run, "best", state, meta)
+    run.checkpointer.wait()
+  writer.write(json.dumps(summary) + "\n")
+  writer.flush()
   return meta
 
 
@@ -266,9 +302,10 @@ def _prepare(config, workdir):
   """Builds the data, models, mesh and checkpointer shared by training and evaluation."""
   if config.training.distributed:
     jax.distributed.initialize()
-  _validate_config(config)
+  validate_config(config)
   mesh = sharding.make_mesh()
-  splits = input_pipeline.create_splits(config.data, workdir)
+  # Checked against the run's split.json here, written only once training is accepted.
+  splits = input_pipeline.create_splits(config.data, workdir, write=False)
   models = models_lib.create_models(config)
   global_batch = config.training.batch_size
   sharding.check_batch_size(global_batch, mesh, "training.batch_size")
@@ -286,26 +323,68 @@ def eval_key(config) -> jax.Array:
   return jax.random.fold_in(jax.random.PRNGKey(config.seed), 0x0E7A1)
 
 
-def _validate_config(config):
-  t = config.training
+def _check_range(value, low, high, field, low_open=False, high_open=True):
+  """Raises naming config.<field> unless low <(=) value <(=) high."""
+  above = value > low if low_open else value >= low
+  below = value < high if high_open else value <= high
+  if not (above and below):
+    bounds = f"{'(' if low_open else '['}{low}, {high}{')' if high_open else ']'}"
+    raise errors.UserError(f"config.{field}={value!r}; expected a value in {bounds}")
+
+
+def _check_choice(value, registry, field):
+  if value not in registry:
+    raise errors.UserError(f"config.{field}={value!r}; choose from {sorted(registry)}")
+
+
+def validate_config(config) -> None:
+  """Checks every config value once, up front, before any dataset is built or file written.
+
+  String choices are checked against the modules' own registries; numbers against the ranges
+  in which the run can work.
+
+  Raises:
+    errors.UserError (or ValueError from a module's registry) naming the field.
+  """
+  t, o, g, d = config.training, config.optim, config.guidance, config.diffusion
   for field in ("batch_size", "eval_batch_size", "num_epochs", "eval_every_epochs",
                 "checkpoint_every_steps", "keep_checkpoints", "log_every_steps"):
     if int(t[field]) < 1:
-      raise ValueError(f"config.training.{field} must be >= 1, got {t[field]}")
-  if t.select_metric not in SELECT_METRICS:
-    raise ValueError(f"config.training.select_metric={t.select_metric!r}; choose from "
-                     f"{list(SELECT_METRICS)}")
-  if t.select_best_on not in ("val", "test"):
-    raise ValueError(f"config.training.select_best_on={t.select_best_on!r}; choose from "
-                     "['test', 'val']")
-  if config.guidance.pretrain_epochs < 0:
-    raise ValueError("config.guidance.pretrain_epochs must be >= 0")
-  d = config.diffusion
-  for field in ("num_samples", "predict_num_samples"):
+      raise errors.UserError(f"config.training.{field} must be >= 1, got {t[field]}")
+  _check_choice(t.select_best_on, ("val", "test"), "training.select_best_on")
+  _check_choice(t.select_metric, SELECT_METRICS, "training.select_metric")
+  _check_choice(g.loss, losses.DCG_LOSS_TERMS, "guidance.loss")
+  _check_choice(g.amsgrad, optim.AMSGRAD_VARIANTS, "guidance.amsgrad")
+  _check_choice(d.mmd_kernel, losses.KERNELS, "diffusion.mmd_kernel")
+  for field in ("sampler", "val_sampler"):
+    _check_choice(d[field], diffusion.SAMPLERS, f"diffusion.{field}")
+  if g.pretrain_epochs < 0:
+    raise errors.UserError("config.guidance.pretrain_epochs must be >= 0")
+  for field, value in (("optim.lr", o.lr), ("guidance.lr", g.lr)):
+    if not value > 0:
+      raise errors.UserError(f"config.{field}={value!r}; expected a learning rate > 0")
+  _check_range(o.min_lr, 0, float("inf"), "optim.min_lr")
+  _check_range(o.ema_decay, 0, 1, "optim.ema_decay", high_open=False)
+  _check_range(o.warmup_epochs, 0, float("inf"), "optim.warmup_epochs")
+  _check_range(config.data.val_fraction, 0, 1, "data.val_fraction", low_open=True)
+  _check_range(config.data.test_fraction, 0, 1, "data.test_fraction", low_open=True)
+  _check_range(d.beta_start, 0, 1, "diffusion.beta_start", low_open=True)
+  _check_range(d.beta_end, d.beta_start, 1, "diffusion.beta_end", low_open=True)
+  for field in ("timesteps", "test_timesteps", "val_timesteps", "num_samples",
+                "predict_num_samples"):
     if int(d[field]) < 1:
-      raise ValueError(f"config.diffusion.{field} must be >= 1, got {d[field]}")
+      raise errors.UserError(f"config.diffusion.{field} must be >= 1, got {d[field]}")
+  if int(config.data.image_size) < 1:
+    raise errors.UserError(f"config.data.image_size must be >= 1, got {config.data.image_size}")
+  if (models_lib.ABLATIONS.get(config.ablation, {}).get("diffusion")
+      and o.warmup_epochs >= t.num_epochs):
+    raise errors.UserError(f"config.optim.warmup_epochs={o.warmup_epochs} must be smaller than "
+                           f"config.training.num_epochs={t.num_epochs} (the LR would never leave "
+                           "its linear warm-up)")
   diffusion.timestep_sequence(d.sampler, d.timesteps, d.test_timesteps)
   diffusion.timestep_sequence(d.val_sampler, d.timesteps, min(d.val_timesteps, d.timesteps))
+  models_lib.create_models(config)  # the model choices (ablation, backbone, dtype, ...)
+  input_pipeline.validate_data_config(config.data)
 
 
 def abstract_train_state(models, config) -> TrainState:
@@ -358,23 +437,45 @@ def _checkpoint_kind(checkpoint):
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   """Trains (resuming from the latest checkpoint in workdir) and evaluates the test split.
 
+  The workdir is locked for the whole run; config.json and split.json are written only once the
+  config, the data and the resume checks have passed.
+
   Returns:
     the test metrics {head: metrics}.
   """
-  if (models_lib.ABLATIONS.get(config.ablation, {}).get("diffusion")
-      and config.optim.warmup_epochs >= config.training.num_epochs):
-    raise ValueError(f"config.optim.warmup_epochs={config.optim.warmup_epochs} must be smaller "
-                     f"than config.training.num_epochs={config.training.num_epochs} (the LR "
-                     "would never leave its linear warm-up)")
-  run = _prepare(config, workdir)
-  guidance_tx, denoiser_tx, schedule = build_optimizers(config, run.steps_per_epoch)
-  plan = stage_plan(run.models, config, run.steps_per_epoch)
-  steps = make_train_steps(run.models, config, guidance_tx, denoiser_tx, schedule,
-                           plan[-1].start)
-  local_batch = config.training.batch_size // jax.process_count()
-  train_iter = input_pipeline.train_iterator(
-      run.splits.train, config.data, batch_size=local_batch, seed=config.seed,
-      shard_index=jax.process_index(), num_shards=jax.process_count())
+  validate_config(config)
+  lock = workdir_lib.lock(workdir) if jax.process_index() == 0 else None
+  try:
+    changes = workdir_lib.check_resume_config(config, workdir)
+    run = _prepare(config, workdir)
+    try:
+      if jax.process_index() == 0:
+        input_pipeline.write_split(workdir, run.splits)
+        workdir_lib.write_records(config, workdir, changes)
+      return _train(run)
+    finally:
+      run.checkpointer.close()  # waits for saves in flight: nothing half-written at exit
+  finally:
+    if lock is not None:
+      lock.close()
+
+
+def _stage_at(plan, step: int, run: _Run) -> str:
+  """Name of the stage that trains `step` ('done' once every stage has finished)."""
+  for stage in plan:
+    if step < _stage_end(run, stage):
+      return stage.name
+  return "done"
+
+
+def _restore_latest(run: _Run, guidance_tx, denoiser_tx, train_iter, plan):
+  """(state, meta, step) from the latest checkpoint or a fresh state; reconciles the records.
+
+  Best checkpoints after the resumed step belong to the steps about to be replayed and are
+  removed (the replay writes them again, identically); the best accuracy so far is read from
+  the best checkpoint at or before it, and metrics.jsonl loses the rows of replayed steps.
+  """
+  config = run.config
   meta = {"data_iter": train_iter.get_state(), "stage": plan[0].name, "best_accuracy": -1.0,
           "best_step": None}
   latest = run.checkpointer.latest_step()
@@ -386,19 +487,52 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
                                            abstract_train_state(run.models, config))
     if meta.get("data_iter") is not None:  # None: imported from the official code.
       train_iter.set_state(meta["data_iter"])
-    meta = {"best_accuracy": -1.0, "best_step": None, **meta, "data_iter": train_iter.get_state()}
-    print(f"Resuming from checkpoint at step {latest} (stage {meta['stage']}).", flush=True)
+    meta = {**meta, "data_iter": train_iter.get_state()}
+    stage = _stage_at(plan, latest, run)
+    where = "training finished; evaluating" if stage == "done" else f"stage {stage}"
+    print(f"Resuming from checkpoint at step {latest} ({where}).", flush=True)
+  step = latest or 0
+  best = [s for s in run.checkpointer.all_steps("best") if s <= step]
+  for stale in run.checkpointer.all_steps("best"):
+    if stale > step and jax.process_index() == 0:
+      print(f"Removing best checkpoint at step {stale}, after the resumed step {step} (the "
+            "rerun validates that step again).", flush=True)
+      run.checkpointer.delete("best", stale)
+  if best:
+    best_meta = run.checkpointer.read_meta("best", max(best))
+    meta = {**meta, "best_accuracy": best_meta.get("best_accuracy", -1.0),
+            "best_step": best_meta.get("best_step", max(best))}
+  else:
+    meta = {**meta, "best_accuracy": -1.0, "best_step": None}
+  return state, meta, step
+
+
+def _train(run: _Run) -> dict:
+  config, workdir = run.config, run.workdir
+  guidance_tx, denoiser_tx, schedule = build_optimizers(config, run.steps_per_epoch)
+  plan = stage_plan(run.models, config, run.steps_per_epoch)
+  steps = make_train_steps(run.models, config, guidance_tx, denoiser_tx, schedule,
+                           plan[-1].start)
+  local_batch = config.training.batch_size // jax.process_count()
+  train_iter = input_pipeline.train_iterator(
+      run.splits.train, config.data, batch_size=local_batch, seed=config.seed,
+      shard_index=jax.process_index(), num_shards=jax.process_count())
+  state, meta, step = _restore_latest(run, guidance_tx, denoiser_tx, train_iter, plan)
+  validated = (workdir_lib.truncate_metrics(workdir, step) if jax.process_index() == 0
+               else set())
   state = sharding.replicate(state, run.mesh)
-  with open(os.path.join(workdir, "metrics.jsonl"), "a") as writer:
+  with open(os.path.join(workdir, workdir_lib.METRICS_FILE), "a") as writer:
     for stage in plan:
-      if int(state.step) < stage.start + stage.num_epochs * run.steps_per_epoch:
+      epoch = _validation_epoch(run, stage, step)
+      if epoch is not None and step not in validated:  # killed before it finished
+        meta = _validate_and_keep_best(run, state, meta, epoch, writer)
+    for stage in plan:
+      if int(state.step) < _stage_end(run, stage):
         step_fn = jit_step(steps[stage.name], run.mesh)
         state, meta = run_stage(run, stage, step_fn, state, train_iter, meta, writer)
   run.checkpointer.wait()
   kind = "best" if run.checkpointer.latest_step("best") is not None else "latest"
-  results = evaluate_checkpoint(config, workdir, split="test", checkpoint=kind, run=run)
-  run.checkpointer.close()
-  return results
+  return evaluate_checkpoint(config, workdir, split="test", checkpoint=kind, run=run)
 
 
 def evaluate_checkpoint(config, workdir: str, split: str = "test", checkpoint: str = "best",
@@ -417,23 +551,31 @@ def evaluate_checkpoint(config, workdir: str, split: str = "test", checkpoint: s
   start = time.time()
   predictions = evaluate.predict(run.models, variables, batches, run.eval_key, run.mesh,
                                  sampler_name=d.sampler, num_steps=d.test_timesteps,
-                                 num_samples=d.predict_num_samples)
+                                 num_samples=d.predict_num_samples,
+                                 progress=f"evaluation ({split})")
   results = _score(run.models, predictions)
+  diffusion_head = run.models.denoiser is not None
   extra = {"split": split, "checkpoint": kind, "step": int(state.step),
-           "sampler": d.sampler, "steps": d.test_timesteps,
-           "num_samples": d.predict_num_samples,
-           "eval_with_ema": bool(config.optim.eval_with_ema), "seconds": time.time() - start}
+           **({"sampler": d.sampler, "steps": d.test_timesteps,
+               "num_samples": d.predict_num_samples,
+               "eval_with_ema": bool(config.optim.eval_with_ema)} if diffusion_head else {}),
+           "seconds": time.time() - start}
   table = evaluate.write_report(results, run.splits.class_names, workdir, split, extra)
   evaluate.write_predictions(predictions, getattr(source, "ids", None), run.splits.class_names,
                              workdir, split)
-  if run.models.denoiser is not None:
-    report = evaluate.uncertainty_report(predictions, run.models.num_classes,
-                                         dcg=isinstance(run.models.guidance, dcg.DCG))
+  if diffusion_head:
+    report = evaluate.uncertainty_report(
+        predictions, run.models.num_classes,
+        dcg=run.models.guidance_heads == models_lib.GUIDANCE_HEADS["dcg"])
     evaluate.write_uncertainty_report(report, workdir, split)
   evaluate.write_overlays(run.models, variables, source, predictions, getattr(source, "ids", None),
                           run.splits.class_names, workdir, split,
                           num=config.training.eval_overlays,
                           batch_size=config.training.eval_batch_size)
-  print(f"\n{split} metrics (checkpoint {kind} at step {int(state.step)}, sampler {d.sampler}, "
-        f"{d.test_timesteps} steps):\n{table}\n", flush=True)
+  # The 'basic' ablation has no diffusion head, hence no sampler to name.
+  sampler_note = f", sampler {d.sampler}, {d.test_timesteps} steps" if diffusion_head else ""
+  print(f"\n{split} metrics (checkpoint {kind} at step {int(state.step)}{sampler_note}):\n"
+        f"{table}\n", flush=True)
+  for line in evaluate.divergence_lines(results, split):
+    print(f"warning: {line}", flush=True)
   return results
