@@ -10,7 +10,6 @@ import os
 import time
 from typing import Any, NamedTuple
 
-import flax
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -26,22 +25,16 @@ from diffmic_jax import input_pipeline
 from diffmic_jax import losses
 from diffmic_jax import models as models_lib
 from diffmic_jax import optim
-from diffmic_jax import pretrained
 from diffmic_jax import sharding
+from diffmic_jax import train_state
 from diffmic_jax import workdir as workdir_lib
 
 
-@flax.struct.dataclass
-class TrainState:
-  """Everything that changes during training (a pytree; checkpointed whole)."""
-
-  step: jax.Array  # optimiser iterations so far, all stages together.
-  key: jax.Array  # raw uint32 PRNG key; step i uses fold_in(key, i).
-  guidance: Any  # {'params', 'batch_stats'} of the DCG (or classifier).
-  guidance_opt: Any
-  denoiser: Any  # {'params', 'batch_stats'} of ε_θ; {} without diffusion.
-  denoiser_opt: Any
-  ema: Any  # EMA of the denoiser params; {} without diffusion.
+# The train state's names before it had its own module (train_state owns them), kept for callers.
+TrainState = train_state.TrainState
+build_optimizers = train_state.build_optimizers
+create_train_state = train_state.create_train_state
+abstract_train_state = train_state.abstract_train_state
 
 
 # Validation metrics that may choose the best checkpoint (official: accuracy).
@@ -62,32 +55,6 @@ def stage_plan(models, config, steps_per_epoch: int) -> list[Stage]:
   warm = config.guidance.pretrain_epochs
   return [Stage("warmup", 0, warm, False),
           Stage("joint", warm * steps_per_epoch, config.training.num_epochs, True)]
-
-
-def build_optimizers(config, steps_per_epoch: int):
-  """(guidance optimiser, denoiser optimiser, denoiser LR schedule)."""
-  g, o = config.guidance, config.optim
-  schedule = optim.warmup_cosine_schedule(o.lr, o.warmup_epochs, config.training.num_epochs,
-                                          steps_per_epoch, o.min_lr)
-  guidance_tx = optim.guidance_optimizer(g.lr, g.b1, g.b2, g.eps, g.amsgrad)
-  denoiser_tx = optim.denoiser_optimizer(schedule, o.b1, o.b2, o.eps, o.grad_clip)
-  return guidance_tx, denoiser_tx, schedule
-
-
-def create_train_state(models, config, guidance_tx, denoiser_tx, key,
-                       load_pretrained: bool = True) -> TrainState:
-  """Initialises variables (plus configured pretrained trunks) and optimiser states."""
-  key_init, key_train = jax.random.split(key)
-  variables = jax.jit(models_lib.init_variables, static_argnums=(0, 2))(
-      models, key_init, config.data.image_size)
-  if load_pretrained:
-    variables = pretrained.load_configured(variables, config)
-  den = variables.get("denoiser", {})
-  return TrainState(
-      step=jnp.zeros([], jnp.int32), key=key_train,
-      guidance=variables["guidance"], guidance_opt=guidance_tx.init(variables["guidance"]["params"]),
-      denoiser=den, denoiser_opt=denoiser_tx.init(den["params"]) if den else {},
-      ema=jax.tree.map(jnp.copy, den["params"]) if den else {})
 
 
 def _guidance_update(models, tx, loss_terms, variables, opt_state, images, labels):
@@ -184,7 +151,7 @@ def _log_interval(pending, writer, bar):
   return rows
 
 
-def validate(run: _Run, state: TrainState, split: str) -> dict:
+def validate(run: _Run, state: train_state.TrainState, split: str) -> dict:
   """Scores the validation split (or the test split with select_best_on='test')."""
   d = run.config.diffusion
   variables = _inference_variables(state, run.config.optim.eval_with_ema)
@@ -288,7 +255,7 @@ def _validate_and_keep_best(run, state, meta, epoch, writer):
     tqdm.tqdm.write(f"warning: step {step}: {line}")
   if main[metric] > meta["best_accuracy"]:
     # 'best_accuracy' keeps its name in checkpoint metadata; it holds the selection metric.
-    meta = {**meta, "best_accuracy": main[metric], "best_step": step}
+    meta = train_state.with_best(meta, main[metric], step)
     if step in run.checkpointer.all_steps("best"):  # same state, from an interrupted run
       run.checkpointer.delete("best", step)
     _save(run, "best", state, meta)
@@ -387,16 +354,7 @@ def validate_config(config) -> None:
   input_pipeline.validate_data_config(config.data)
 
 
-def abstract_train_state(models, config) -> TrainState:
-  """The TrainState structure (jax.ShapeDtypeStruct leaves) that checkpoints must match."""
-  # The optimiser-state structure does not depend on the schedule's steps per epoch.
-  guidance_tx, denoiser_tx, _ = build_optimizers(config, steps_per_epoch=1)
-  return jax.eval_shape(lambda k: create_train_state(models, config, guidance_tx, denoiser_tx, k,
-                                                     load_pretrained=False),
-                        jax.random.PRNGKey(0))
-
-
-def _inference_variables(state: TrainState, use_ema: bool) -> dict:
+def _inference_variables(state: train_state.TrainState, use_ema: bool) -> dict:
   variables = {"guidance": state.guidance}
   if state.denoiser:
     variables = evaluate.eval_variables({**variables, "denoiser": state.denoiser}, state.ema,
@@ -420,7 +378,7 @@ def load_variables(config, workdir: str, checkpoint: str = "best"):
   kind, step = _checkpoint_kind(checkpoint)
   checkpointer = checkpointing.Checkpointer(workdir, config.training.keep_checkpoints)
   try:
-    state, _ = checkpointer.restore(kind, step, abstract_train_state(models, config))
+    state, _ = checkpointer.restore(kind, step, train_state.abstract_train_state(models, config))
   finally:
     checkpointer.close()
   return models, _inference_variables(state, config.optim.eval_with_ema)
@@ -476,15 +434,14 @@ def _restore_latest(run: _Run, guidance_tx, denoiser_tx, train_iter, plan):
   the best checkpoint at or before it, and metrics.jsonl loses the rows of replayed steps.
   """
   config = run.config
-  meta = {"data_iter": train_iter.get_state(), "stage": plan[0].name, "best_accuracy": -1.0,
-          "best_step": None}
+  meta = train_state.run_meta(train_iter.get_state(), plan[0].name)
   latest = run.checkpointer.latest_step()
   if latest is None:
-    state = create_train_state(run.models, config, guidance_tx, denoiser_tx,
+    state = train_state.create_train_state(run.models, config, guidance_tx, denoiser_tx,
                                jax.random.PRNGKey(config.seed))
   else:
     state, meta = run.checkpointer.restore("latest", latest,
-                                           abstract_train_state(run.models, config))
+                                           train_state.abstract_train_state(run.models, config))
     if meta.get("data_iter") is not None:  # None: imported from the official code.
       train_iter.set_state(meta["data_iter"])
     meta = {**meta, "data_iter": train_iter.get_state()}
@@ -500,16 +457,16 @@ def _restore_latest(run: _Run, guidance_tx, denoiser_tx, train_iter, plan):
       run.checkpointer.delete("best", stale)
   if best:
     best_meta = run.checkpointer.read_meta("best", max(best))
-    meta = {**meta, "best_accuracy": best_meta.get("best_accuracy", -1.0),
-            "best_step": best_meta.get("best_step", max(best))}
+    meta = train_state.with_best(meta, best_meta.get("best_accuracy", train_state.NO_BEST),
+                                 best_meta.get("best_step", max(best)))
   else:
-    meta = {**meta, "best_accuracy": -1.0, "best_step": None}
+    meta = train_state.with_best(meta, train_state.NO_BEST, None)
   return state, meta, step
 
 
 def _train(run: _Run) -> dict:
   config, workdir = run.config, run.workdir
-  guidance_tx, denoiser_tx, schedule = build_optimizers(config, run.steps_per_epoch)
+  guidance_tx, denoiser_tx, schedule = train_state.build_optimizers(config, run.steps_per_epoch)
   plan = stage_plan(run.models, config, run.steps_per_epoch)
   steps = make_train_steps(run.models, config, guidance_tx, denoiser_tx, schedule,
                            plan[-1].start)
@@ -540,7 +497,8 @@ def evaluate_checkpoint(config, workdir: str, split: str = "test", checkpoint: s
   """`--mode eval`: restores 'best', 'latest' or a step number and scores one split."""
   run = run or _prepare(config, workdir)
   kind, step = _checkpoint_kind(checkpoint)
-  state, _ = run.checkpointer.restore(kind, step, abstract_train_state(run.models, config))
+  state, _ = run.checkpointer.restore(kind, step,
+                                     train_state.abstract_train_state(run.models, config))
   state = sharding.replicate(state, run.mesh)
   d = run.config.diffusion
   if split not in ("train", "val", "test"):

@@ -16,6 +16,7 @@ from diffmic_jax import checkpointing
 from diffmic_jax import evaluate
 from diffmic_jax import sampler
 from diffmic_jax import train
+from diffmic_jax import train_state
 
 from tests import conftest
 
@@ -104,7 +105,7 @@ def test_eval_with_ema_uses_the_ema_parameters(trained, tiny_config):
   workdir, _ = trained
   run = train._prepare(tiny_config(), workdir)
   state, _ = run.checkpointer.restore("latest", None,
-                                      train.abstract_train_state(run.models, run.config))
+                                      train_state.abstract_train_state(run.models, run.config))
   raw = {"guidance": state.guidance, "denoiser": state.denoiser}
   with_ema = evaluate.eval_variables(raw, state.ema, True)
   assert with_ema["denoiser"]["params"] is state.ema
