@@ -19,6 +19,7 @@ from absl import logging
 from ml_collections import config_flags
 
 from diffmic_jax import errors
+from diffmic_jax import evaluate
 from diffmic_jax import host
 from diffmic_jax import predict
 from diffmic_jax import summary
@@ -77,7 +78,7 @@ def _run(argv) -> None:
     return
   if not os.path.isdir(workdir):
     raise errors.UserError(f"--workdir {workdir}: no such directory (train first)")
-  train.evaluate_checkpoint(config, workdir, split=_SPLIT.value, checkpoint=_CHECKPOINT.value)
+  evaluate.evaluate_checkpoint(config, workdir, split=_SPLIT.value, checkpoint=_CHECKPOINT.value)
   if jax.process_index() == 0:  # the config of the last evaluation, written after it succeeded
     workdir_lib.write_text(os.path.join(workdir, "eval_config.json"),
                                 config.to_json_best_effort(indent=2))

@@ -11,6 +11,11 @@ import numpy as np
 from sklearn import metrics as skm
 
 
+# Keys of `classification_metrics` that may choose the best checkpoint on validation
+# (config.training.select_metric; official: accuracy).
+SELECT_METRICS = ("accuracy", "f1_macro", "balanced_accuracy")
+
+
 def expected_calibration_error(probs, labels, num_bins: int = 15) -> float:
   """ECE with equal-width confidence bins. probs: [N, C]; labels: [N]."""
   confidence = probs.max(axis=1)

@@ -24,8 +24,8 @@ from scipy import special
 from diffmic_jax import evaluate
 from diffmic_jax import explain
 from diffmic_jax import input_pipeline
+from diffmic_jax import run as run_lib
 from diffmic_jax import sharding
-from diffmic_jax import train
 from diffmic_jax.datasets import images as images_lib
 
 
@@ -173,7 +173,7 @@ def predict_files(config, workdir: str, input_path: str, output_dir: str | None 
   paths = find_inputs(input_path)
   names = class_names(config, workdir)
   output_dir = output_dir or os.path.join(workdir, "predict")
-  models, variables = train.load_variables(config, workdir, checkpoint)
+  models, variables = evaluate.load_variables(config, workdir, checkpoint)
   mesh = sharding.make_mesh()
   variables = sharding.replicate(variables, mesh)  # batches are sharded over the mesh
   batch_size = sharding.check_batch_size(config.training.eval_batch_size, mesh,
@@ -182,7 +182,7 @@ def predict_files(config, workdir: str, input_path: str, output_dir: str | None 
   d = config.diffusion
   with tqdm.tqdm(total=len(paths), desc="predict", unit="image", dynamic_ncols=True) as bar:
     batches = _batches(paths, config.data.image_size, batch_size, good, skipped, bar)
-    predictions = _run(models, variables, batches, train.eval_key(config), mesh,
+    predictions = _run(models, variables, batches, run_lib.eval_key(config), mesh,
                        sampler_name=d.sampler, num_steps=d.test_timesteps,
                        num_samples=d.predict_num_samples)
   os.makedirs(output_dir, exist_ok=True)

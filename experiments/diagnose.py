@@ -32,7 +32,6 @@ from diffmic_jax import evaluate
 from diffmic_jax import input_pipeline
 from diffmic_jax import metrics
 from diffmic_jax import models as models_lib
-from diffmic_jax import train
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config of the run.", lock_config=False)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Training workdir.")
@@ -174,7 +173,7 @@ def main(argv):
   key = jax.random.PRNGKey(0)
   for ema in (False, True):
     config.optim.eval_with_ema = ema
-    models, variables = train.load_variables(config, workdir, _CHECKPOINT.value)
+    models, variables = evaluate.load_variables(config, workdir, _CHECKPOINT.value)
     tag = "ema" if ema else "raw"
     for split in ("train", "test"):
       batches = list(input_pipeline.eval_batches(getattr(splits, split), config.data,

@@ -35,7 +35,7 @@ from diffmic_jax import evaluate
 from diffmic_jax import input_pipeline
 from diffmic_jax import metrics
 from diffmic_jax import sharding
-from diffmic_jax import train
+from diffmic_jax import run as run_lib
 # pylint: enable=g-import-not-at-top,wrong-import-position
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "The run's config file.",
@@ -117,7 +117,7 @@ def main(argv) -> None:
   config, workdir = _CONFIG.value, _WORKDIR.value
   if not workdir:
     raise app.UsageError("--workdir is required")
-  models, variables = train.load_variables(config, workdir, _CHECKPOINT.value)
+  models, variables = evaluate.load_variables(config, workdir, _CHECKPOINT.value)
   splits = input_pipeline.create_splits(config.data, workdir)  # checks split.json
   mesh = sharding.make_mesh()
   variables = sharding.replicate(variables, mesh)
@@ -128,7 +128,7 @@ def main(argv) -> None:
   rows = []
   for name in _SAMPLERS.value:
     for steps in step_counts(name, _STEPS.value, models.num_timesteps):
-      row = measure(models, variables, batches, train.eval_key(config), mesh,
+      row = measure(models, variables, batches, run_lib.eval_key(config), mesh,
                     models.num_classes, sampler_name=name, num_steps=steps,
                     num_samples=_NUM_SAMPLES.value, repeats=_REPEATS.value)
       rows.append(row)

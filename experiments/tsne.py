@@ -30,9 +30,10 @@ import numpy as np
 from sklearn import manifold
 
 from diffmic_jax import diffusion
+from diffmic_jax import evaluate
 from diffmic_jax import input_pipeline
+from diffmic_jax import run as run_lib
 from diffmic_jax import sampler
-from diffmic_jax import train
 # pylint: enable=g-import-not-at-top,wrong-import-position
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "The run's config file.",
@@ -95,7 +96,7 @@ def main(argv) -> None:
   config, workdir = _CONFIG.value, _WORKDIR.value
   if _PANELS.value < 2:
     raise app.UsageError("--panels must be at least 2 (the noise and ŷ₀)")
-  models, variables = train.load_variables(config, workdir, _CHECKPOINT.value)
+  models, variables = evaluate.load_variables(config, workdir, _CHECKPOINT.value)
   splits = input_pipeline.create_splits(config.data, workdir)  # checks split.json
   d = config.diffusion
   timesteps = diffusion.timestep_sequence(d.sampler, d.timesteps, d.test_timesteps)
@@ -106,7 +107,7 @@ def main(argv) -> None:
                                          list(source.ids)[:_MAX.value])
   batches = input_pipeline.eval_batches(source, config.data,
                                         batch_size=config.training.eval_batch_size)
-  states, labels = trajectories(models, variables, batches, train.eval_key(config), timesteps)
+  states, labels = trajectories(models, variables, batches, run_lib.eval_key(config), timesteps)
   chosen = panel_indices(len(states), _PANELS.value)
   names = [f"t = {timesteps[i]}" + (" (μ + z)" if i == 0 else "") for i in chosen[:-1]]
   titles = names + ["ŷ₀"] if chosen[-1] == len(states) - 1 else names

@@ -14,6 +14,7 @@ from diffmic_jax import checkpointing
 from diffmic_jax import errors
 from diffmic_jax import evaluate
 from diffmic_jax import metrics
+from diffmic_jax import run as run_lib
 from diffmic_jax import train
 from diffmic_jax import workdir as workdir_lib
 
@@ -134,7 +135,7 @@ def test_eval_with_a_foreign_split_file_never_writes_split_json(reference, tiny_
   path.write_text(json.dumps(foreign))
   config = tiny_config()
   config.data.split_file = str(path)
-  train.evaluate_checkpoint(config, workdir, split="val", checkpoint="best")
+  evaluate.evaluate_checkpoint(config, workdir, split="val", checkpoint="best")
   assert _snapshot(workdir) == before
   report = json.load(open(os.path.join(workdir, "eval", "val_metrics.json")))
   assert report["heads"]["diffusion"]["num_examples"] == len(foreign["val"])
@@ -281,7 +282,7 @@ def test_diverged_validation_never_stops_training(reference, tiny_config, tmp_pa
 
 
 def test_resume_names_the_stage_it_resumes_in(reference, tiny_config):
-  run = train._prepare(tiny_config(), reference[0])
+  run = run_lib.prepare(tiny_config(), reference[0])
   plan = train.stage_plan(run.models, run.config, run.steps_per_epoch)
   assert [train._stage_at(plan, s, run) for s in (0, 5, 6, 17, 18)] == [
       "warmup", "warmup", "joint", "joint", "done"]
