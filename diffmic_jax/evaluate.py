@@ -22,6 +22,7 @@ from jax.experimental import multihost_utils
 
 from diffmic_jax import checkpointing
 from diffmic_jax import explain
+from diffmic_jax import files
 from diffmic_jax import input_pipeline
 from diffmic_jax import metrics
 from diffmic_jax import models as models_lib
@@ -29,6 +30,7 @@ from diffmic_jax import run as run_lib
 from diffmic_jax import sampler
 from diffmic_jax import sharding
 from diffmic_jax import train_state
+from diffmic_jax.datasets import splits as splits_lib
 
 
 # Per-example outputs of `sampler.sample` that `predict` gathers besides the guidance logits.
@@ -182,7 +184,7 @@ def write_predictions(predictions: dict, ids, class_names, workdir: str, split: 
   probs = predictions["probs"]
   fused = predictions["fused"].argmax(axis=1)
   path = os.path.join(workdir, "eval", f"{split}_predictions.csv")
-  with open(path + ".tmp", "w", newline="") as f:
+  with files.atomic_open(path, "w", newline="") as f:
     writer = csv.writer(f)
     writer.writerow(["id", "label", "prediction", "dcg_fused_prediction"]
                     + [f"p_{name}" for name in class_names])
@@ -190,7 +192,6 @@ def write_predictions(predictions: dict, ids, class_names, workdir: str, split: 
       prediction = int(probs[i].argmax()) if np.isfinite(probs[i]).all() else -1  # diverged
       writer.writerow([ids[i], int(label), prediction, int(fused[i])]
                       + [f"{p:.6f}" for p in probs[i]])
-  os.replace(path + ".tmp", path)
 
 
 def uncertainty_report(predictions: dict, num_classes: int, dcg: bool = True) -> dict:
@@ -384,8 +385,8 @@ def evaluate_checkpoint(config, workdir: str, split: str = "test", checkpoint: s
                                       train_state.abstract_train_state(run.models, config))
   state = sharding.replicate(state, run.mesh)
   d = run.config.diffusion
-  if split not in ("train", "val", "test"):
-    raise ValueError(f"--split={split!r}; choose from ['test', 'train', 'val']")
+  if split not in splits_lib.SPLIT_NAMES:
+    raise ValueError(f"--split={split!r}; choose from {sorted(splits_lib.SPLIT_NAMES)}")
   source = getattr(run.splits, split)
   start = time.time()
   results, predictions = evaluate(run, state, split, final=True)

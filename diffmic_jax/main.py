@@ -20,11 +20,12 @@ from ml_collections import config_flags
 
 from diffmic_jax import errors
 from diffmic_jax import evaluate
+from diffmic_jax import files
 from diffmic_jax import host
 from diffmic_jax import predict
 from diffmic_jax import summary
 from diffmic_jax import train
-from diffmic_jax import workdir as workdir_lib
+from diffmic_jax.datasets import splits as splits_lib
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file.",
                                           lock_config=True)
@@ -39,7 +40,7 @@ _OUTPUT = flags.DEFINE_string("output", None, "--mode predict: output folder "
                               "(default WORKDIR/predict).")
 _OVERLAYS = flags.DEFINE_bool("overlays", False, "--mode predict: write an explanation PNG "
                                "(CAM, ROI boxes, attention) per image to OUTPUT/overlays.")
-_SPLIT = flags.DEFINE_enum("split", "test", ["test", "val", "train"], "--mode eval: split.")
+_SPLIT = flags.DEFINE_enum("split", "test", splits_lib.SPLIT_NAMES, "--mode eval: split.")
 
 # Errors a user can fix (a bad config value, a missing file or checkpoint, a workdir that cannot
 # be written): one clear line and exit status 1 instead of a traceback. KeyError, TypeError and
@@ -80,8 +81,8 @@ def _run(argv) -> None:
     raise errors.UserError(f"--workdir {workdir}: no such directory (train first)")
   evaluate.evaluate_checkpoint(config, workdir, split=_SPLIT.value, checkpoint=_CHECKPOINT.value)
   if jax.process_index() == 0:  # the config of the last evaluation, written after it succeeded
-    workdir_lib.write_text(os.path.join(workdir, "eval_config.json"),
-                                config.to_json_best_effort(indent=2))
+    files.write_text(os.path.join(workdir, "eval_config.json"),
+                     config.to_json_best_effort(indent=2))
 
 
 def main(argv) -> None:

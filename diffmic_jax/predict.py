@@ -23,6 +23,7 @@ from scipy import special
 
 from diffmic_jax import evaluate
 from diffmic_jax import explain
+from diffmic_jax import files
 from diffmic_jax import input_pipeline
 from diffmic_jax import run as run_lib
 from diffmic_jax import sharding
@@ -121,11 +122,10 @@ def _pad(images: list, batch_size: int) -> dict:
 
 def _write_csv(path: str, header: list, rows) -> None:
   """Writes a CSV atomically (temporary file then rename)."""
-  with open(path + ".tmp", "w", newline="") as f:
+  with files.atomic_open(path, "w", newline="") as f:
     writer = csv.writer(f)
     writer.writerow(header)
     writer.writerows(rows)
-  os.replace(path + ".tmp", path)
 
 
 def prediction_rows(paths, predictions: dict, names) -> tuple[list, list]:

@@ -19,6 +19,7 @@ from diffmic_jax import metrics
 from diffmic_jax import models as models_lib
 from diffmic_jax import optim
 from diffmic_jax import sharding
+from diffmic_jax.datasets import splits as splits_lib
 
 
 class Run(NamedTuple):
@@ -87,7 +88,9 @@ def validate_config(config) -> None:
                 "checkpoint_every_steps", "keep_checkpoints", "log_every_steps"):
     if int(t[field]) < 1:
       raise errors.UserError(f"config.training.{field} must be >= 1, got {t[field]}")
-  _check_choice(t.select_best_on, ("val", "test"), "training.select_best_on")
+  # Any split but the one trained on may select the best checkpoint.
+  _check_choice(t.select_best_on, [n for n in splits_lib.SPLIT_NAMES if n != "train"],
+                "training.select_best_on")
   _check_choice(t.select_metric, metrics.SELECT_METRICS, "training.select_metric")
   _check_choice(g.loss, losses.DCG_LOSS_TERMS, "guidance.loss")
   _check_choice(g.amsgrad, optim.AMSGRAD_VARIANTS, "guidance.amsgrad")

@@ -35,6 +35,7 @@ from diffmic_jax import evaluate
 from diffmic_jax import input_pipeline
 from diffmic_jax import metrics
 from diffmic_jax import sharding
+from diffmic_jax.datasets import splits as splits_lib
 from diffmic_jax import run as run_lib
 # pylint: enable=g-import-not-at-top,wrong-import-position
 
@@ -42,7 +43,7 @@ _CONFIG = config_flags.DEFINE_config_file("config", None, "The run's config file
                                           lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "The training workdir.")
 _CHECKPOINT = flags.DEFINE_string("checkpoint", "best", "'best', 'latest' or a step number.")
-_SPLIT = flags.DEFINE_enum("split", "test", ["test", "val", "train"], "Split to score.")
+_SPLIT = flags.DEFINE_enum("split", "test", splits_lib.SPLIT_NAMES, "Split to score.")
 _NUM_SAMPLES = flags.DEFINE_integer("num_samples", 1, "Reverse samples per image (S).")
 _STEPS = flags.DEFINE_list("steps", ["1", "2", "5", "10", "20", "50", "100", "250", "1000"],
                            "Step counts (clipped to T).")

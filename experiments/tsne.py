@@ -34,13 +34,14 @@ from diffmic_jax import evaluate
 from diffmic_jax import input_pipeline
 from diffmic_jax import run as run_lib
 from diffmic_jax import sampler
+from diffmic_jax.datasets import splits as splits_lib
 # pylint: enable=g-import-not-at-top,wrong-import-position
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "The run's config file.",
                                           lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "The training workdir.")
 _CHECKPOINT = flags.DEFINE_string("checkpoint", "best", "'best', 'latest' or a step number.")
-_SPLIT = flags.DEFINE_enum("split", "test", ["test", "val", "train"], "Split to embed.")
+_SPLIT = flags.DEFINE_enum("split", "test", splits_lib.SPLIT_NAMES, "Split to embed.")
 _PANELS = flags.DEFINE_integer("panels", 6, "Steps shown, from the noise to ŷ₀ (>= 2).")
 _MAX = flags.DEFINE_integer("max_examples", 1000, "Use at most this many examples (t-SNE cost).")
 _PNG = flags.DEFINE_string("png", None, "Output PNG (default WORKDIR/eval/tsne.png).")
