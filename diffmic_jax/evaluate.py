@@ -305,9 +305,9 @@ def _sampler_settings(config, final: bool) -> dict:
   """The sampler of validation during training (cheaper) or of the final test."""
   d = config.diffusion
   if final:
-    return {"sampler_name": d.sampler, "num_steps": d.test_timesteps,
+    return {"sampler_name": d.sampler, "num_steps": d.test_steps,
             "num_samples": d.predict_num_samples}
-  return {"sampler_name": d.val_sampler, "num_steps": d.val_timesteps,
+  return {"sampler_name": d.val_sampler, "num_steps": d.val_steps,
           "num_samples": d.num_samples}
 
 
@@ -319,8 +319,8 @@ def evaluate(run: run_lib.Run, state, split: str, *, final: bool) -> tuple[dict,
     state: a `train_state.TrainState` (its EMA replaces the denoiser's parameters when
       config.optim.eval_with_ema is set).
     split: 'train', 'val' or 'test'.
-    final: False for validation during training (config.diffusion.val_sampler, val_timesteps,
-      num_samples), True for the test and `--mode eval` (sampler, test_timesteps,
+    final: False for validation during training (config.diffusion.val_sampler, val_steps,
+      num_samples), True for the test and `--mode eval` (sampler, test_steps,
       predict_num_samples).
 
   Returns:
@@ -392,7 +392,7 @@ def evaluate_checkpoint(config, workdir: str, split: str = "test", checkpoint: s
   results, predictions = evaluate(run, state, split, final=True)
   diffusion_head = run.models.denoiser is not None
   extra = {"split": split, "checkpoint": kind, "step": int(state.step),
-           **({"sampler": d.sampler, "steps": d.test_timesteps,
+           **({"sampler": d.sampler, "steps": d.test_steps,
                "num_samples": d.predict_num_samples,
                "eval_with_ema": bool(config.optim.eval_with_ema)} if diffusion_head else {}),
            "seconds": time.time() - start}
@@ -407,7 +407,7 @@ def evaluate_checkpoint(config, workdir: str, split: str = "test", checkpoint: s
                  predictions, getattr(source, "ids", None), run.splits.class_names, workdir, split,
                  num=config.training.eval_overlays, batch_size=config.training.eval_batch_size)
   # The 'basic' ablation has no diffusion head, hence no sampler to name.
-  sampler_note = f", sampler {d.sampler}, {d.test_timesteps} steps" if diffusion_head else ""
+  sampler_note = f", sampler {d.sampler}, {d.test_steps} steps" if diffusion_head else ""
   print(f"\n{split} metrics (checkpoint {kind} at step {int(state.step)}{sampler_note}):\n"
         f"{table}\n", flush=True)
   for line in divergence_lines(results, split):

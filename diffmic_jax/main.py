@@ -23,6 +23,7 @@ from diffmic_jax import evaluate
 from diffmic_jax import files
 from diffmic_jax import host
 from diffmic_jax import predict
+from diffmic_jax import run as run_lib
 from diffmic_jax import summary
 from diffmic_jax import train
 from diffmic_jax.datasets import splits as splits_lib
@@ -60,6 +61,7 @@ def _enable_compilation_cache() -> None:
 def _run(argv) -> None:
   del argv
   config = _CONFIG.value
+  run_lib.apply_deprecated_names(config)
   if _MODE.value == "summary":
     print(json.dumps(summary.model_summary(config), indent=2))
     return

@@ -183,7 +183,7 @@ def predict_files(config, workdir: str, input_path: str, output_dir: str | None 
   with tqdm.tqdm(total=len(paths), desc="predict", unit="image", dynamic_ncols=True) as bar:
     batches = _batches(paths, config.data.image_size, batch_size, good, skipped, bar)
     predictions = _run(models, variables, batches, run_lib.eval_key(config), mesh,
-                       sampler_name=d.sampler, num_steps=d.test_timesteps,
+                       sampler_name=d.sampler, num_steps=d.test_steps,
                        num_samples=d.predict_num_samples)
   os.makedirs(output_dir, exist_ok=True)
   with open(os.path.join(output_dir, "config.json"), "w") as f:

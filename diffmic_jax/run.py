@@ -9,6 +9,7 @@ from typing import Any, NamedTuple
 
 import jax
 import ml_collections
+from absl import logging
 
 from diffmic_jax import checkpointing
 from diffmic_jax import diffusion
@@ -74,6 +75,24 @@ def _check_choice(value, registry, field):
     raise errors.UserError(f"config.{field}={value!r}; choose from {sorted(registry)}")
 
 
+# Renamed config fields: {old name: new name} within config.diffusion.
+DEPRECATED_NAMES = {"test_timesteps": "test_steps", "val_timesteps": "val_steps"}
+
+
+def apply_deprecated_names(config) -> None:
+  """Moves a value set under a deprecated field name onto its new name, with a warning.
+
+  Runs on the config in place (main.py calls it on the flags' config, `validate_config` on
+  any other); the old field is reset to None, so a second call changes nothing.
+  """
+  d = config.diffusion
+  for old, new in DEPRECATED_NAMES.items():
+    if d.get(old) is not None:
+      logging.warning("config.diffusion.%s is deprecated; use config.diffusion.%s (set to %s)",
+                      old, new, d[old])
+      d[new], d[old] = d[old], None
+
+
 def validate_config(config) -> None:
   """Checks every config value once, up front, before any dataset is built or file written.
 
@@ -83,6 +102,7 @@ def validate_config(config) -> None:
   Raises:
     errors.UserError (or ValueError from a module's registry) naming the field.
   """
+  apply_deprecated_names(config)
   t, o, g, d = config.training, config.optim, config.guidance, config.diffusion
   for field in ("batch_size", "eval_batch_size", "num_epochs", "eval_every_epochs",
                 "checkpoint_every_steps", "keep_checkpoints", "log_every_steps"):
@@ -109,7 +129,7 @@ def validate_config(config) -> None:
   _check_range(config.data.test_fraction, 0, 1, "data.test_fraction", low_open=True)
   _check_range(d.beta_start, 0, 1, "diffusion.beta_start", low_open=True)
   _check_range(d.beta_end, d.beta_start, 1, "diffusion.beta_end", low_open=True)
-  for field in ("timesteps", "test_timesteps", "val_timesteps", "num_samples",
+  for field in ("timesteps", "test_steps", "val_steps", "num_samples",
                 "predict_num_samples"):
     if int(d[field]) < 1:
       raise errors.UserError(f"config.diffusion.{field} must be >= 1, got {d[field]}")
@@ -120,7 +140,7 @@ def validate_config(config) -> None:
     raise errors.UserError(f"config.optim.warmup_epochs={o.warmup_epochs} must be smaller than "
                            f"config.training.num_epochs={t.num_epochs} (the LR would never leave "
                            "its linear warm-up)")
-  diffusion.timestep_sequence(d.sampler, d.timesteps, d.test_timesteps)
-  diffusion.timestep_sequence(d.val_sampler, d.timesteps, min(d.val_timesteps, d.timesteps))
+  diffusion.timestep_sequence(d.sampler, d.timesteps, d.test_steps)
+  diffusion.timestep_sequence(d.val_sampler, d.timesteps, min(d.val_steps, d.timesteps))
   models_lib.create_models(config)  # the model choices (ablation, backbone, dtype, ...)
   input_pipeline.validate_data_config(config.data)

@@ -62,7 +62,7 @@ def flops_per_image(models, config, variables) -> dict:
       dvars, jax.ShapeDtypeStruct((b, models.denoiser.feature_dim), jnp.float32), vec,
       jax.ShapeDtypeStruct((b, width), jnp.float32)) / b
   d = config.diffusion
-  steps = len(diffusion.timestep_sequence(d.sampler, d.timesteps, d.test_timesteps))
+  steps = len(diffusion.timestep_sequence(d.sampler, d.timesteps, d.test_steps))
   out["inference_sampler_steps"] = steps
   out["inference"] = guidance + out["rho_x"] + steps * out["denoiser_step"]
   out["training_joint_iteration"] = _training_flops(models, config)

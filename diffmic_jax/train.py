@@ -65,7 +65,7 @@ def make_train_steps(models, config, guidance_tx, denoiser_tx, lr_schedule, join
   joint_train = config.guidance.joint_train
   ema_decay = config.optim.ema_decay
 
-  def warmup_step(state, batch):
+  def guidance_step(state, batch):
     guidance, opt, metrics = _guidance_update(models, guidance_tx, loss_terms, state.guidance,
                                               state.guidance_opt, batch["image"], batch["label"])
     return state.replace(step=state.step + 1, guidance=guidance, guidance_opt=opt), metrics
@@ -92,7 +92,8 @@ def make_train_steps(models, config, guidance_tx, denoiser_tx, lr_schedule, join
       metrics.update(dcg_metrics)
     return state, metrics
 
-  return {"warmup": warmup_step, "classifier": warmup_step, "joint": joint_step}
+  # The DCG warm-up and the basic ablation's classifier training are the same guidance step.
+  return {"warmup": guidance_step, "classifier": guidance_step, "joint": joint_step}
 
 
 def jit_step(step_fn, mesh):

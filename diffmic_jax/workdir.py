@@ -28,8 +28,9 @@ SAFE_TO_CHANGE = frozenset({
     "training.checkpoint_every_steps", "training.keep_checkpoints", "training.distributed",
     "training.allow_config_change",
     "data.num_workers", "data.data_dir",
-    "diffusion.num_samples", "diffusion.sampler", "diffusion.test_timesteps",
-    "diffusion.val_sampler", "diffusion.val_timesteps",
+    "diffusion.num_samples", "diffusion.sampler", "diffusion.test_steps",
+    "diffusion.val_sampler", "diffusion.val_steps",
+    "diffusion.test_timesteps", "diffusion.val_timesteps",  # the deprecated names of the two above
     "optim.eval_with_ema", "model.conv_impl",
 })
 

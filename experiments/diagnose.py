@@ -193,7 +193,7 @@ def main(argv):
           print(name, json.dumps({k: round(v, 3) for k, v in report[name].items()}), flush=True)
         if not ema:
           ts = diffusion.timestep_sequence("official_truncated", models.num_timesteps,
-                                           config.diffusion.test_timesteps)
+                                           config.diffusion.test_steps)
           for probe in ("shuffle_x", "uniform_cond"):
             row = summarise(collect(models, variables, batches, key, ts, 0.0, _SAMPLES.value,
                                     probe), c)
@@ -201,7 +201,7 @@ def main(argv):
             print(f"{tag} {split} probe_{probe}: " + json.dumps(
                 {k: v for k, v in row.items() if not k.startswith("max_abs_y0_per")}), flush=True)
       T = models.num_timesteps
-      samplers = [("official_truncated", config.diffusion.test_timesteps), ("full", T),
+      samplers = [("official_truncated", config.diffusion.test_steps), ("full", T),
                   ("respaced", 10)]
       if split == "train":
         samplers = samplers[:1]

@@ -100,7 +100,7 @@ def main(argv) -> None:
   models, variables = evaluate.load_variables(config, workdir, _CHECKPOINT.value)
   splits = input_pipeline.create_splits(config.data, workdir)  # checks split.json
   d = config.diffusion
-  timesteps = diffusion.timestep_sequence(d.sampler, d.timesteps, d.test_timesteps)
+  timesteps = diffusion.timestep_sequence(d.sampler, d.timesteps, d.test_steps)
   source = getattr(splits, _SPLIT.value)
   if len(source) > _MAX.value:  # a fixed, class-mixed subset: the first M in split order
     source = input_pipeline.SubsetSource(source, np.arange(_MAX.value),

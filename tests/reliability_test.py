@@ -180,6 +180,8 @@ def test_truncate_metrics_keeps_one_row_per_step(tmp_path):
     ("--config.data.val_fraction=0", "config.data.val_fraction=0"),
     ("--config.data.test_fraction=1.0", "config.data.test_fraction=1.0"),
     ("--config.diffusion.mmd_kernel=laplace", "config.diffusion.mmd_kernel='laplace'"),
+    # A deprecated name still works: its value moves onto the new field, then is checked.
+    ("--config.diffusion.test_timesteps=0", "config.diffusion.test_steps must be >= 1, got 0"),
 ])
 def test_bad_config_values_are_refused_up_front(tmp_path, override, expected):
   # data.name=image_folder with a missing folder: the config check must come before the build.
