@@ -18,6 +18,7 @@ import time
 import jax
 import numpy as np
 import tqdm
+from absl import logging
 from jax.experimental import multihost_utils
 
 from diffmic_jax import checkpointing
@@ -411,5 +412,5 @@ def evaluate_checkpoint(config, workdir: str, split: str = "test", checkpoint: s
   print(f"\n{split} metrics (checkpoint {kind} at step {int(state.step)}{sampler_note}):\n"
         f"{table}\n", flush=True)
   for line in divergence_lines(results, split):
-    print(f"warning: {line}", flush=True)
+    logging.warning(line)
   return results

@@ -9,6 +9,7 @@
 """
 
 import json
+import logging as std_logging
 import os
 import sys
 
@@ -87,11 +88,22 @@ def _run(argv) -> None:
                      config.to_json_best_effort(indent=2))
 
 
+class _OwnInfoOnly(std_logging.Filter):
+  """Passes our INFO lines (resuming, dataset preparation) and everyone's warnings: orbax and
+  grain log every save at INFO, which --verbosity=0 shows."""
+
+  def filter(self, record: std_logging.LogRecord) -> bool:
+    return record.levelno >= std_logging.WARNING or record.pathname.startswith(_PACKAGE_DIR)
+
+
+_PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__)) + os.sep
+
+
 def main(argv) -> None:
-  # Orbax and grain log every save at INFO; keep the console to our progress bar and reports
-  # unless the user asks for more with --verbosity.
+  # Status lines go through absl logging (stderr), results (the metrics table) to stdout.
   if not flags.FLAGS["verbosity"].present:
-    logging.set_verbosity(logging.WARNING)
+    logging.set_verbosity(logging.INFO)
+    logging.get_absl_handler().addFilter(_OwnInfoOnly())
   # Before the first JAX computation: keep XLA's large CPU buffers in the allocator instead of
   # unmapping and page-faulting them every call (7% faster paper-config inference here; see
   # experiments/README.md). Only glibc's allocator settings change; harmless elsewhere.

@@ -19,6 +19,7 @@ from typing import Iterator
 
 import numpy as np
 import tqdm
+from absl import logging
 from scipy import special
 
 from diffmic_jax import evaluate
@@ -225,7 +226,7 @@ def write_overlays(models, variables, paths, predictions: dict, names, image_siz
   the row of predictions.csv; nothing for a model without a DCG. Returns the paths written."""
   crop_size = getattr(models.guidance, "crop_size", None)
   if crop_size is None:
-    print("--overlays: this model has no DCG (no CAM or ROIs); no overlays written")
+    logging.warning("--overlays: this model has no DCG (no CAM or ROIs); no overlays written")
     return []
   os.makedirs(out_dir, exist_ok=True)
   written = []

@@ -11,6 +11,7 @@ import warnings
 from typing import NamedTuple
 
 import jax
+from absl import logging
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
@@ -269,13 +270,13 @@ def _restore_latest(run: run_lib.Run, guidance_tx, denoiser_tx, train_iter, plan
     meta = {**meta, "data_iter": train_iter.get_state()}
     stage = _stage_at(plan, latest, run)
     where = "training finished; evaluating" if stage == "done" else f"stage {stage}"
-    print(f"Resuming from checkpoint at step {latest} ({where}).", flush=True)
+    logging.info("Resuming from checkpoint at step %d (%s).", latest, where)
   step = latest or 0
   best = [s for s in run.checkpointer.all_steps("best") if s <= step]
   for stale in run.checkpointer.all_steps("best"):
     if stale > step and jax.process_index() == 0:
-      print(f"Removing best checkpoint at step {stale}, after the resumed step {step} (the "
-            "rerun validates that step again).", flush=True)
+      logging.info("Removing best checkpoint at step %d, after the resumed step %d (the rerun "
+                   "validates that step again).", stale, step)
       run.checkpointer.delete("best", stale)
   if best:
     best_meta = run.checkpointer.read_meta("best", max(best))

@@ -11,6 +11,8 @@ import json
 import os
 import time
 
+from absl import logging
+
 from diffmic_jax import errors
 from diffmic_jax import files
 from diffmic_jax import trees
@@ -127,11 +129,10 @@ def check_resume_config(config, workdir: str) -> dict | None:
   if not unsafe and not safe:
     return None
   if safe:
-    print(f"Config changes accepted on resume: {', '.join(safe)}", flush=True)
+    logging.info("Config changes accepted on resume: %s", ", ".join(safe))
   if unsafe:
-    print(f"warning: resuming with changes that alter the run (allow_config_change=True): "
-          f"{', '.join(unsafe)}; recorded in {os.path.join(workdir, CONFIG_CHANGES_FILE)}",
-          flush=True)
+    logging.warning("resuming with changes that alter the run (allow_config_change=True): %s; "
+                    "recorded in %s", ", ".join(unsafe), os.path.join(workdir, CONFIG_CHANGES_FILE))
   return {"time": time.strftime("%Y-%m-%dT%H:%M:%S"), "accepted": safe, "overridden": unsafe}
 
 

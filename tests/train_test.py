@@ -170,7 +170,8 @@ def test_kill_9_between_latest_and_best_saves_then_rerun_is_exact(trained, tmp_p
   _run_until(args, best if not best.exists() else tmp_path / "checkpoints" / "16")
   done = _main(*args)
   assert done.returncode == 0, done.stderr[-2000:]
-  assert "Resuming from checkpoint at step" in done.stdout
+  assert "Resuming from checkpoint at step" in done.stderr  # absl logging
+  assert "test metrics (checkpoint" in done.stdout  # the results table
   report = json.load(open(tmp_path / "eval" / "test_metrics.json"))
   assert report["heads"] == json.loads(json.dumps(results))
   rows = [json.loads(line) for line in open(tmp_path / "metrics.jsonl")]
