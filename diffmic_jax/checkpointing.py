@@ -13,6 +13,8 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
+from diffmic_jax import trees
+
 KINDS = ("latest", "best")
 
 
@@ -89,15 +91,10 @@ class Checkpointer:
       manager.close()
 
 
-def _flatten(tree):
-  flat, _ = jax.tree_util.tree_flatten_with_path(tree)
-  return {jax.tree_util.keystr(path, simple=True, separator="/"): leaf for path, leaf in flat}
-
-
 def check_structure(stored, expected, where: str) -> None:
   """Raises ValueError naming the first missing, unexpected or mis-shaped entry."""
-  stored_flat = _flatten(stored)
-  expected_flat = _flatten(jax.tree.map(ocp.utils.to_shape_dtype_struct, expected))
+  stored_flat = trees.flatten(stored)
+  expected_flat = trees.flatten(jax.tree.map(ocp.utils.to_shape_dtype_struct, expected))
   missing = sorted(set(expected_flat) - set(stored_flat))
   extra = sorted(set(stored_flat) - set(expected_flat))
   if missing or extra:

@@ -1,5 +1,9 @@
 """One evaluation function over a whole split, used for validation and for the test.
 
+`evaluate(run, state, split, final=...)` is the entry point behind both validation during
+training (`validate`) and the test after training and `--mode eval` (`evaluate_checkpoint`);
+`load_variables` restores a checkpoint's inference variables for other programs.
+
 Padded batches are masked, predictions from every batch are gathered, and metrics come from the
 whole split. The DCG heads (fused, global, local) are scored beside the diffusion head, so users
 see what the diffusion adds.
@@ -9,16 +13,25 @@ import csv
 import functools
 import os
 import re
+import time
 
 import jax
 import numpy as np
 import tqdm
+from absl import logging
 from jax.experimental import multihost_utils
 
+from diffmic_jax import checkpointing
 from diffmic_jax import explain
+from diffmic_jax import files
+from diffmic_jax import input_pipeline
 from diffmic_jax import metrics
+from diffmic_jax import models as models_lib
+from diffmic_jax import run as run_lib
 from diffmic_jax import sampler
 from diffmic_jax import sharding
+from diffmic_jax import train_state
+from diffmic_jax.datasets import splits as splits_lib
 
 
 # Per-example outputs of `sampler.sample` that `predict` gathers besides the guidance logits.
@@ -172,7 +185,7 @@ def write_predictions(predictions: dict, ids, class_names, workdir: str, split: 
   probs = predictions["probs"]
   fused = predictions["fused"].argmax(axis=1)
   path = os.path.join(workdir, "eval", f"{split}_predictions.csv")
-  with open(path + ".tmp", "w", newline="") as f:
+  with files.atomic_open(path, "w", newline="") as f:
     writer = csv.writer(f)
     writer.writerow(["id", "label", "prediction", "dcg_fused_prediction"]
                     + [f"p_{name}" for name in class_names])
@@ -180,7 +193,6 @@ def write_predictions(predictions: dict, ids, class_names, workdir: str, split: 
       prediction = int(probs[i].argmax()) if np.isfinite(probs[i]).all() else -1  # diverged
       writer.writerow([ids[i], int(label), prediction, int(fused[i])]
                       + [f"{p:.6f}" for p in probs[i]])
-  os.replace(path + ".tmp", path)
 
 
 def uncertainty_report(predictions: dict, num_classes: int, dcg: bool = True) -> dict:
@@ -262,3 +274,143 @@ def write_overlays(models, variables, source, predictions: dict, ids, class_name
                          title=explain.title(class_names, predictions, i, labels[i]))
     paths.append(path)
   return paths
+
+
+# ---------------------------------------------------------------------------------------------
+# The evaluation entry point: validation during training, the final test and `--mode eval`.
+
+
+def inference_variables(state, use_ema: bool) -> dict:
+  """{'guidance', 'denoiser'?} variables of a `train_state.TrainState` for evaluation."""
+  variables = {"guidance": state.guidance}
+  if state.denoiser:
+    variables = eval_variables({**variables, "denoiser": state.denoiser}, state.ema, use_ema)
+  return variables
+
+
+def _eval_batches(run, source):
+  """Padded evaluation batches of this process's share of a split."""
+  batch = sharding.check_batch_size(run.config.training.eval_batch_size, run.mesh,
+                                    "training.eval_batch_size")
+  return input_pipeline.eval_batches(source, run.config.data, batch_size=batch,
+                                     shard_index=jax.process_index(),
+                                     num_shards=jax.process_count())
+
+
+def _score(models, predictions):
+  return score(predictions, models.num_classes, models.denoiser is not None,
+               dcg=models.guidance_heads == models_lib.GUIDANCE_HEADS["dcg"])
+
+
+def _sampler_settings(config, final: bool) -> dict:
+  """The sampler of validation during training (cheaper) or of the final test."""
+  d = config.diffusion
+  if final:
+    return {"sampler_name": d.sampler, "num_steps": d.test_steps,
+            "num_samples": d.predict_num_samples}
+  return {"sampler_name": d.val_sampler, "num_steps": d.val_steps,
+          "num_samples": d.num_samples}
+
+
+def evaluate(run: run_lib.Run, state, split: str, *, final: bool) -> tuple[dict, dict]:
+  """Scores one split of a run: the one evaluation behind validation and the test.
+
+  Args:
+    run: the prepared run (`run.prepare`).
+    state: a `train_state.TrainState` (its EMA replaces the denoiser's parameters when
+      config.optim.eval_with_ema is set).
+    split: 'train', 'val' or 'test'.
+    final: False for validation during training (config.diffusion.val_sampler, val_steps,
+      num_samples), True for the test and `--mode eval` (sampler, test_steps,
+      predict_num_samples).
+
+  Returns:
+    (metrics {head: metrics}, see `score`; predictions of every example, see `predict`).
+  """
+  variables = inference_variables(state, run.config.optim.eval_with_ema)
+  batches = _eval_batches(run, getattr(run.splits, split))
+  label = f"{'evaluation' if final else 'validation'} ({split})"
+  predictions = predict(run.models, variables, batches, run.eval_key, run.mesh,
+                        progress=label, **_sampler_settings(run.config, final))
+  return _score(run.models, predictions), predictions
+
+
+def validate(run: run_lib.Run, state, split: str) -> dict:
+  """Validation during training: the metrics {head: metrics} of `split` ('val', or 'test'
+  with select_best_on='test')."""
+  results, _ = evaluate(run, state, split, final=False)
+  return results
+
+
+def _checkpoint_kind(checkpoint):
+  if checkpoint in checkpointing.KINDS:
+    return checkpoint, None
+  if str(checkpoint).isdigit():
+    return "latest", int(checkpoint)
+  raise ValueError(f"--checkpoint={checkpoint!r}; use 'best', 'latest' or a step number")
+
+
+def load_variables(config, workdir: str, checkpoint: str = "best"):
+  """Restores a checkpoint for use outside the training loop (no dataset needed).
+
+  Args:
+    config: the config the checkpoint was trained with.
+    workdir: the training workdir.
+    checkpoint: 'best', 'latest' or a step number.
+
+  Returns:
+    (models bundle, variables {'guidance', 'denoiser'}) ready for `sampler.sample`; the
+    denoiser's parameters are its EMA when config.optim.eval_with_ema is set.
+  """
+  models = models_lib.create_models(config)
+  kind, step = _checkpoint_kind(checkpoint)
+  checkpointer = checkpointing.Checkpointer(workdir, config.training.keep_checkpoints)
+  try:
+    state, _ = checkpointer.restore(kind, step, train_state.abstract_train_state(models, config))
+  finally:
+    checkpointer.close()
+  return models, inference_variables(state, config.optim.eval_with_ema)
+
+
+def evaluate_checkpoint(config, workdir: str, split: str = "test", checkpoint: str = "best",
+                        run: run_lib.Run | None = None) -> dict:
+  """`--mode eval` and the test after training: restores 'best', 'latest' or a step number,
+  scores one split and writes the reports under DIR/eval.
+
+  Returns:
+    the metrics {head: metrics}.
+  """
+  run = run or run_lib.prepare(config, workdir)
+  kind, step = _checkpoint_kind(checkpoint)
+  state, _ = run.checkpointer.restore(kind, step,
+                                      train_state.abstract_train_state(run.models, config))
+  state = sharding.replicate(state, run.mesh)
+  d = run.config.diffusion
+  if split not in splits_lib.SPLIT_NAMES:
+    raise ValueError(f"--split={split!r}; choose from {sorted(splits_lib.SPLIT_NAMES)}")
+  source = getattr(run.splits, split)
+  start = time.time()
+  results, predictions = evaluate(run, state, split, final=True)
+  diffusion_head = run.models.denoiser is not None
+  extra = {"split": split, "checkpoint": kind, "step": int(state.step),
+           **({"sampler": d.sampler, "steps": d.test_steps,
+               "num_samples": d.predict_num_samples,
+               "eval_with_ema": bool(config.optim.eval_with_ema)} if diffusion_head else {}),
+           "seconds": time.time() - start}
+  table = write_report(results, run.splits.class_names, workdir, split, extra)
+  write_predictions(predictions, getattr(source, "ids", None), run.splits.class_names, workdir,
+                    split)
+  if diffusion_head:
+    report = uncertainty_report(predictions, run.models.num_classes,
+                                dcg=run.models.guidance_heads == models_lib.GUIDANCE_HEADS["dcg"])
+    write_uncertainty_report(report, workdir, split)
+  write_overlays(run.models, inference_variables(state, config.optim.eval_with_ema), source,
+                 predictions, getattr(source, "ids", None), run.splits.class_names, workdir, split,
+                 num=config.training.eval_overlays, batch_size=config.training.eval_batch_size)
+  # The 'basic' ablation has no diffusion head, hence no sampler to name.
+  sampler_note = f", sampler {d.sampler}, {d.test_steps} steps" if diffusion_head else ""
+  print(f"\n{split} metrics (checkpoint {kind} at step {int(state.step)}{sampler_note}):\n"
+        f"{table}\n", flush=True)
+  for line in divergence_lines(results, split):
+    logging.warning(line)
+  return results

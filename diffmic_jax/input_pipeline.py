@@ -20,6 +20,7 @@ import numpy as np
 from PIL import Image
 
 from diffmic_jax import errors
+from diffmic_jax import files
 from diffmic_jax.datasets import builders
 from diffmic_jax.datasets import demo
 from diffmic_jax.datasets import layouts
@@ -151,10 +152,7 @@ def _split_indices(config, metadata: dict[str, list], keep: np.ndarray) -> dict[
 def _write_json(path: str, content: dict) -> None:
   """Writes atomically (a reader never sees a partial file)."""
   os.makedirs(os.path.dirname(path), exist_ok=True)
-  tmp = f"{path}.tmp{os.getpid()}"
-  with open(tmp, "w") as f:
-    json.dump(content, f, indent=1)
-  os.replace(tmp, path)
+  files.write_json(path, content, indent=1)
 
 
 def _check_split(workdir: str, config, ids_per_split) -> None:

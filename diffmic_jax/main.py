@@ -9,6 +9,7 @@
 """
 
 import json
+import logging as std_logging
 import os
 import sys
 
@@ -19,11 +20,14 @@ from absl import logging
 from ml_collections import config_flags
 
 from diffmic_jax import errors
+from diffmic_jax import evaluate
+from diffmic_jax import files
 from diffmic_jax import host
 from diffmic_jax import predict
+from diffmic_jax import run as run_lib
 from diffmic_jax import summary
 from diffmic_jax import train
-from diffmic_jax import workdir as workdir_lib
+from diffmic_jax.datasets import splits as splits_lib
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file.",
                                           lock_config=True)
@@ -38,7 +42,7 @@ _OUTPUT = flags.DEFINE_string("output", None, "--mode predict: output folder "
                               "(default WORKDIR/predict).")
 _OVERLAYS = flags.DEFINE_bool("overlays", False, "--mode predict: write an explanation PNG "
                                "(CAM, ROI boxes, attention) per image to OUTPUT/overlays.")
-_SPLIT = flags.DEFINE_enum("split", "test", ["test", "val", "train"], "--mode eval: split.")
+_SPLIT = flags.DEFINE_enum("split", "test", splits_lib.SPLIT_NAMES, "--mode eval: split.")
 
 # Errors a user can fix (a bad config value, a missing file or checkpoint, a workdir that cannot
 # be written): one clear line and exit status 1 instead of a traceback. KeyError, TypeError and
@@ -58,6 +62,7 @@ def _enable_compilation_cache() -> None:
 def _run(argv) -> None:
   del argv
   config = _CONFIG.value
+  run_lib.apply_deprecated_names(config)
   if _MODE.value == "summary":
     print(json.dumps(summary.model_summary(config), indent=2))
     return
@@ -77,17 +82,28 @@ def _run(argv) -> None:
     return
   if not os.path.isdir(workdir):
     raise errors.UserError(f"--workdir {workdir}: no such directory (train first)")
-  train.evaluate_checkpoint(config, workdir, split=_SPLIT.value, checkpoint=_CHECKPOINT.value)
+  evaluate.evaluate_checkpoint(config, workdir, split=_SPLIT.value, checkpoint=_CHECKPOINT.value)
   if jax.process_index() == 0:  # the config of the last evaluation, written after it succeeded
-    workdir_lib.write_text(os.path.join(workdir, "eval_config.json"),
-                                config.to_json_best_effort(indent=2))
+    files.write_text(os.path.join(workdir, "eval_config.json"),
+                     config.to_json_best_effort(indent=2))
+
+
+class _OwnInfoOnly(std_logging.Filter):
+  """Passes our INFO lines (resuming, dataset preparation) and everyone's warnings: orbax and
+  grain log every save at INFO, which --verbosity=0 shows."""
+
+  def filter(self, record: std_logging.LogRecord) -> bool:
+    return record.levelno >= std_logging.WARNING or record.pathname.startswith(_PACKAGE_DIR)
+
+
+_PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__)) + os.sep
 
 
 def main(argv) -> None:
-  # Orbax and grain log every save at INFO; keep the console to our progress bar and reports
-  # unless the user asks for more with --verbosity.
+  # Status lines go through absl logging (stderr), results (the metrics table) to stdout.
   if not flags.FLAGS["verbosity"].present:
-    logging.set_verbosity(logging.WARNING)
+    logging.set_verbosity(logging.INFO)
+    logging.get_absl_handler().addFilter(_OwnInfoOnly())
   # Before the first JAX computation: keep XLA's large CPU buffers in the allocator instead of
   # unmapping and page-faulting them every call (7% faster paper-config inference here; see
   # experiments/README.md). Only glibc's allocator settings change; harmless elsewhere.

@@ -4,11 +4,15 @@ Built on scikit-learn; specificity and the expected calibration error, which sci
 not provide, are derived from the confusion matrix and the probabilities.
 """
 
-import json
-import os
-
 import numpy as np
 from sklearn import metrics as skm
+
+from diffmic_jax import files
+
+
+# Keys of `classification_metrics` that may choose the best checkpoint on validation
+# (config.training.select_metric; official: accuracy).
+SELECT_METRICS = ("accuracy", "f1_macro", "balanced_accuracy")
 
 
 def expected_calibration_error(probs, labels, num_bins: int = 15) -> float:
@@ -112,17 +116,13 @@ def save_confusion_png(confusion, class_names, path: str, title: str) -> None:
   display.plot(ax=ax, colorbar=False, xticks_rotation=45)
   ax.set_title(title)
   fig.tight_layout()
-  fig.savefig(path + ".tmp", dpi=100, format="png")  # atomic: a reader never sees half a PNG
+  files.save_figure(fig, path, dpi=100)
   plt.close(fig)
-  os.replace(path + ".tmp", path)
 
 
 def write_json(path: str, payload) -> None:
   """Writes JSON atomically (temporary file then rename)."""
-  tmp = path + ".tmp"
-  with open(tmp, "w") as f:
-    json.dump(payload, f, indent=2)
-  os.replace(tmp, path)
+  files.write_json(path, payload)
 
 
 # ----------------------------------------------------------------------------- uncertainty
@@ -200,7 +200,7 @@ def save_defer_png(curves: dict, path: str, title: str) -> None:
   axes[0].legend(fontsize=8)
   fig.suptitle(title)
   fig.tight_layout()
-  fig.savefig(path, dpi=100)
+  files.save_figure(fig, path, dpi=100)
   plt.close(fig)
 
 
@@ -217,5 +217,5 @@ def save_reliability_png(curves: dict, path: str, title: str) -> None:
   ax.legend(fontsize=8)
   ax.grid(alpha=0.3)
   fig.tight_layout()
-  fig.savefig(path, dpi=100)
+  files.save_figure(fig, path, dpi=100)
   plt.close(fig)

@@ -34,6 +34,7 @@ import numpy as np
 
 from diffmic_jax import errors
 from diffmic_jax import resnet
+from diffmic_jax import trees
 
 SEP = "/"
 META = "__meta__"
@@ -69,27 +70,13 @@ class TrunkSignature(NamedTuple):
 
 
 def flatten(tree: Mapping) -> dict:
-  """{'a': {'b': x}} -> {'a/b': x} (dicts only, in insertion order)."""
-  flat = {}
-  for key, value in tree.items():
-    if isinstance(value, Mapping):
-      for sub, leaf in flatten(value).items():
-        flat[f"{key}{SEP}{sub}"] = leaf
-    else:
-      flat[str(key)] = value
-  return flat
+  """{'a': {'b': x}} -> {'a/b': x} (dicts only; `trees.flatten_dicts`)."""
+  return trees.flatten_dicts(tree, SEP)
 
 
 def unflatten(flat: Mapping) -> dict:
   """Inverse of `flatten`."""
-  tree = {}
-  for key, value in flat.items():
-    node = tree
-    *parents, leaf = key.split(SEP)
-    for name in parents:
-      node = node.setdefault(name, {})
-    node[leaf] = value
-  return tree
+  return trees.unflatten(flat, SEP)
 
 
 def _to_dict(tree):

@@ -10,9 +10,12 @@ import fcntl
 import json
 import os
 import time
-from typing import Any
+
+from absl import logging
 
 from diffmic_jax import errors
+from diffmic_jax import files
+from diffmic_jax import trees
 
 LOCK_FILE = ".lock"
 CONFIG_FILE = "config.json"
@@ -27,18 +30,14 @@ SAFE_TO_CHANGE = frozenset({
     "training.checkpoint_every_steps", "training.keep_checkpoints", "training.distributed",
     "training.allow_config_change",
     "data.num_workers", "data.data_dir",
-    "diffusion.num_samples", "diffusion.sampler", "diffusion.test_timesteps",
-    "diffusion.val_sampler", "diffusion.val_timesteps",
+    "diffusion.num_samples", "diffusion.sampler", "diffusion.test_steps",
+    "diffusion.val_sampler", "diffusion.val_steps",
+    "diffusion.test_timesteps", "diffusion.val_timesteps",  # the deprecated names of the two above
     "optim.eval_with_ema", "model.conv_impl",
 })
 
 
-def write_text(path: str, text: str) -> None:
-  """Writes `text` to `path` atomically (temporary file in the same folder, then rename)."""
-  tmp = f"{path}.tmp{os.getpid()}"
-  with open(tmp, "w") as f:
-    f.write(text)
-  os.replace(tmp, path)
+write_text = files.write_text  # the atomic writer's name here before files.py, kept for callers
 
 
 def lock(workdir: str):
@@ -75,16 +74,6 @@ def lock(workdir: str):
   return f
 
 
-def _flatten(tree: dict, prefix: str = "") -> dict[str, Any]:
-  flat = {}
-  for key, value in tree.items():
-    if isinstance(value, dict):
-      flat.update(_flatten(value, f"{prefix}{key}."))
-    else:
-      flat[f"{prefix}{key}"] = value
-  return flat
-
-
 def config_changes(saved: dict, new: dict) -> tuple[list[str], list[str]]:
   """Compares two configs (as JSON dicts); fields missing from `saved` (added to the code after
   the run started) are not compared.
@@ -92,7 +81,7 @@ def config_changes(saved: dict, new: dict) -> tuple[list[str], list[str]]:
   Returns:
     (changes that alter the run, changes safe on resume), each 'field (old -> new)'.
   """
-  saved_flat, new_flat = _flatten(saved), _flatten(new)
+  saved_flat, new_flat = trees.flatten_dicts(saved, "."), trees.flatten_dicts(new, ".")
   unsafe, safe = [], []
   for field in sorted(set(saved_flat) & set(new_flat)):
     old, value = saved_flat[field], new_flat[field]
@@ -140,17 +129,16 @@ def check_resume_config(config, workdir: str) -> dict | None:
   if not unsafe and not safe:
     return None
   if safe:
-    print(f"Config changes accepted on resume: {', '.join(safe)}", flush=True)
+    logging.info("Config changes accepted on resume: %s", ", ".join(safe))
   if unsafe:
-    print(f"warning: resuming with changes that alter the run (allow_config_change=True): "
-          f"{', '.join(unsafe)}; recorded in {os.path.join(workdir, CONFIG_CHANGES_FILE)}",
-          flush=True)
+    logging.warning("resuming with changes that alter the run (allow_config_change=True): %s; "
+                    "recorded in %s", ", ".join(unsafe), os.path.join(workdir, CONFIG_CHANGES_FILE))
   return {"time": time.strftime("%Y-%m-%dT%H:%M:%S"), "accepted": safe, "overridden": unsafe}
 
 
 def write_records(config, workdir: str, changes: dict | None) -> None:
   """Writes config.json (atomically) and appends the accepted config changes, if any."""
-  write_text(os.path.join(workdir, CONFIG_FILE), config.to_json_best_effort(indent=2))
+  files.write_text(os.path.join(workdir, CONFIG_FILE), config.to_json_best_effort(indent=2))
   if changes:
     with open(os.path.join(workdir, CONFIG_CHANGES_FILE), "a") as f:
       f.write(json.dumps(changes) + "\n")
@@ -186,5 +174,5 @@ def truncate_metrics(workdir: str, step: int) -> set[int]:
       if (key[1] <= step) if validation else (key[1] < step):
         seen.add(key)
         rows.append(row)
-  write_text(path, "".join(json.dumps(r) + "\n" for r in rows))
+  files.write_text(path, "".join(json.dumps(r) + "\n" for r in rows))
   return {r["step"] for r in rows if is_validation_row(r)}

@@ -14,6 +14,7 @@ from diffmic_jax import checkpointing
 from diffmic_jax import errors
 from diffmic_jax import evaluate
 from diffmic_jax import metrics
+from diffmic_jax import run as run_lib
 from diffmic_jax import train
 from diffmic_jax import workdir as workdir_lib
 
@@ -134,7 +135,7 @@ def test_eval_with_a_foreign_split_file_never_writes_split_json(reference, tiny_
   path.write_text(json.dumps(foreign))
   config = tiny_config()
   config.data.split_file = str(path)
-  train.evaluate_checkpoint(config, workdir, split="val", checkpoint="best")
+  evaluate.evaluate_checkpoint(config, workdir, split="val", checkpoint="best")
   assert _snapshot(workdir) == before
   report = json.load(open(os.path.join(workdir, "eval", "val_metrics.json")))
   assert report["heads"]["diffusion"]["num_examples"] == len(foreign["val"])
@@ -179,6 +180,8 @@ def test_truncate_metrics_keeps_one_row_per_step(tmp_path):
     ("--config.data.val_fraction=0", "config.data.val_fraction=0"),
     ("--config.data.test_fraction=1.0", "config.data.test_fraction=1.0"),
     ("--config.diffusion.mmd_kernel=laplace", "config.diffusion.mmd_kernel='laplace'"),
+    # A deprecated name still works: its value moves onto the new field, then is checked.
+    ("--config.diffusion.test_timesteps=0", "config.diffusion.test_steps must be >= 1, got 0"),
 ])
 def test_bad_config_values_are_refused_up_front(tmp_path, override, expected):
   # data.name=image_folder with a missing folder: the config check must come before the build.
@@ -281,7 +284,7 @@ def test_diverged_validation_never_stops_training(reference, tiny_config, tmp_pa
 
 
 def test_resume_names_the_stage_it_resumes_in(reference, tiny_config):
-  run = train._prepare(tiny_config(), reference[0])
+  run = run_lib.prepare(tiny_config(), reference[0])
   plan = train.stage_plan(run.models, run.config, run.steps_per_epoch)
   assert [train._stage_at(plan, s, run) for s in (0, 5, 6, 17, 18)] == [
       "warmup", "warmup", "joint", "joint", "done"]

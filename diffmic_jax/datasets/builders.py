@@ -305,8 +305,8 @@ def prepare(settings: BuildSettings, data_dir: str = "") -> tfds.core.DatasetBui
     builder = BUILDERS[settings.kind](settings=settings, data_dir=data_dir,
                                       file_format="array_record")
     source = settings.manual_dir or settings.manifest_file or settings.train_pickle
-    print(f"Preparing the {settings.kind} dataset from {source} into {path} (once; later runs "
-          "with the same files reuse it)...", flush=True)
+    logging.info("Preparing the %s dataset from %s into %s (once; later runs with the same "
+                 "files reuse it)...", settings.kind, source, path)
     # TFDS prints "Downloading and preparing dataset Unknown size ..." and its own bars though
     # nothing is downloaded; our line above says what happens instead.
     with contextlib.redirect_stdout(io.StringIO()), _tfds_quiet():
@@ -314,7 +314,7 @@ def prepare(settings: BuildSettings, data_dir: str = "") -> tfds.core.DatasetBui
           file_format="array_record",
           download_config=tfds.download.DownloadConfig(manual_dir=settings.manual_dir or None))
     _write_report(builder, path)
-    print(f"Prepared {builder.num_written} examples.", flush=True)
+    logging.info("Prepared %d examples.", builder.num_written)
   return tfds.builder_from_directory(path)
 
 

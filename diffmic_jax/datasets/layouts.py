@@ -18,6 +18,7 @@ import numpy as np
 from diffmic_jax import errors
 from diffmic_jax.datasets import images
 from diffmic_jax.datasets import official_pickle
+from diffmic_jax.datasets import splits as splits_lib
 
 HAM_LABEL_ORDERS = {
     # Column order of ISIC2018_Task3_Training_GroundTruth.csv, used by the official code.
@@ -33,7 +34,6 @@ HAM_IMAGE_DIRS = ("HAM10000_images_part_1", "HAM10000_images_part_2", "images",
 APTOS_CLASS_NAMES = ("no_dr", "mild", "moderate", "severe", "proliferative_dr")
 APTOS_IMAGE_DIRS = ("train_images", "train")
 APTOS_EXTENSIONS = (".png", ".jpg", ".jpeg")
-SPLIT_NAMES = ("train", "val", "test")
 
 
 class BadInputError(errors.UserError):
@@ -289,8 +289,8 @@ def list_manifest(manifest: str, root: str, class_names: Sequence[str],
     if row["label"] not in names:
       problems.report(where, f"unknown label {row['label']!r}; expected one of {list(names)}")
       continue
-    if split not in SPLIT_NAMES + ("",):
-      problems.report(where, f"unknown split {split!r}; expected one of {list(SPLIT_NAMES)}")
+    if split not in splits_lib.SPLIT_NAMES + ("",):
+      problems.report(where, f"unknown split {split!r}; expected one of {list(splits_lib.SPLIT_NAMES)}")
       continue
     path = os.path.join(base, row["path"])
     if not os.path.isfile(path):
@@ -356,10 +356,10 @@ def list_medmnist(path: str, class_names: Sequence[str]) -> Listing:
   with np.load(npz_path, allow_pickle=False) as data:
     arrays = {k: data[k] for k in data.files}
   records = []
-  for split in SPLIT_NAMES:
+  for split in splits_lib.SPLIT_NAMES:
     if f"{split}_images" not in arrays or f"{split}_labels" not in arrays:
       raise BadInputError(f"{npz_path}: keys {sorted(arrays)}; expected "
-                          f"{split}_images and {split}_labels for each of {list(SPLIT_NAMES)}")
+                          f"{split}_images and {split}_labels for each of {list(splits_lib.SPLIT_NAMES)}")
     labels = arrays[f"{split}_labels"]
     if labels.ndim == 2 and labels.shape[1] == 1:
       labels = labels[:, 0]
