@@ -18,5 +18,5 @@ def get_config():
   config.data.vflip = True  # official: APTOS only.
   config.training.batch_size = 32
   config.training.eval_batch_size = 32
-  config.diffusion.test_timesteps = 60
+  config.diffusion.test_steps = 60
   return config

@@ -22,8 +22,8 @@ def get_config():
   config.model.encoder_width = 16
   config.model.feature_dim = 256
   config.diffusion.timesteps = 100
-  config.diffusion.test_timesteps = 100
-  config.diffusion.val_timesteps = 100
+  config.diffusion.test_steps = 100
+  config.diffusion.val_steps = 100
   config.optim.warmup_epochs = 2
   config.training.num_epochs = 60
   config.training.eval_every_epochs = 5

@@ -58,7 +58,9 @@ def get_config() -> ml_collections.ConfigDict:
   guidance.joint_train = True  # one DCG CE step per diffusion step on the same batch.
   guidance.loss = "fused"  # fused (official) | all (CE on fused + global + local).
   guidance.lr = 2e-4
-  guidance.amsgrad = "torch"  # torch (PyTorch's AMSGrad) | optax (max of bias-corrected nu).
+  # Which AMSGrad the DCG's Adam uses (AMSGrad is always on, as in the official code):
+  # torch (PyTorch's: max of the raw nu, then bias-corrected) | optax (max of bias-corrected nu).
+  guidance.amsgrad = "torch"
   guidance.b1 = 0.9
   guidance.b2 = 0.999
   guidance.eps = 1e-8
@@ -90,10 +92,14 @@ def get_config() -> ml_collections.ConfigDict:
   diffusion.prior = "fused"  # fused: softmax(y_fused) (official) | zero (--noise_prior).
   diffusion.mmd_weight = 0.5  # lambda on MMD_g + MMD_l.
   diffusion.mmd_kernel = "gaussian"  # gaussian (official, exp(-|a-b|^2/C^2)) | multi.
-  diffusion.test_timesteps = 250  # N for the test chain.
+  diffusion.test_steps = 250  # N, the number of reverse steps of the test chain.
   diffusion.sampler = "official_truncated"  # official_truncated | full | respaced.
   diffusion.val_sampler = "full"  # sampler used for validation during training (official: full).
-  diffusion.val_timesteps = 1000  # N for validation with val_sampler (ignored by 'full').
+  diffusion.val_steps = 1000  # N reverse steps for validation with val_sampler (ignored by 'full').
+  # Deprecated names of test_steps and val_steps: a value set here is moved onto the new field
+  # with a warning (run.apply_deprecated_names); None = unset.
+  diffusion.test_timesteps = ml_collections.config_dict.placeholder(int)
+  diffusion.val_timesteps = ml_collections.config_dict.placeholder(int)
   diffusion.num_samples = 1  # samples per image in validation during training.
   # S reverse samples per image for --mode eval and --mode predict: the probabilities average
   # softmax(y0) over them, and their vote, agreement and y0 intervals are the uncertainty
@@ -134,4 +140,7 @@ def get_config() -> ml_collections.ConfigDict:
   training.distributed = False
   # 'N,M': a jax.profiler trace of global steps N..M (inclusive) in DIR/profile/; '' = off.
   training.profile_steps = ""
+  # Resume even when fields that alter the run (model, data, optimiser, schedule, seed, ...)
+  # differ from DIR/config.json; the mix is recorded in DIR/config_changes.jsonl.
+  training.allow_config_change = False
   return config

@@ -33,8 +33,8 @@ def get_config():
   # T=100: each row of the per-timestep gamma tables gets 10x more updates than with T=1000,
   # which a few-minute run needs; the chain at test time is the whole schedule.
   config.diffusion.timesteps = 100
-  config.diffusion.test_timesteps = 100
-  config.diffusion.val_timesteps = 100
+  config.diffusion.test_steps = 100
+  config.diffusion.val_steps = 100
   config.optim.warmup_epochs = 2
   config.training.batch_size = 32
   config.training.eval_batch_size = 64

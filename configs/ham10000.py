@@ -16,5 +16,5 @@ def get_config():
   config.data.test_fraction = 0.3
   config.training.batch_size = 64
   config.training.eval_batch_size = 64
-  config.diffusion.test_timesteps = 250
+  config.diffusion.test_steps = 250
   return config

@@ -1,6 +1,6 @@
 """HAM10000 at CPU size: the accuracy study's HAM10000 setting (experiments/README.md, "Accuracy").
 
-All 10,015 images of ../shared/data/ham10000_200x150 at 64×64, the lesion-grouped 7:3 split (no
+All 10,015 images of ../shared/data/ham10000_200x150 at 48×48 (6×6 saliency grid), the lesion-grouped 7:3 split (no
 lesion on both sides), two-stage width-16 ResNet-18 trunks for the DCG and ρ(x), F=256, T=100,
 trained from scratch; the same sizes as configs/busi_cpu.py.
 
@@ -23,11 +23,11 @@ def get_config():
   for section in ("guidance", "model", "diffusion", "optim"):
     config[section] = small[section]
   config.data.manual_dir = os.path.normpath(os.path.join(_SHARED_DATA, "ham10000_200x150"))
-  config.data.image_size = 64
+  config.data.image_size = 48
   config.data.group_split = True  # lesion-grouped: no lesion on both sides of the split.
   config.guidance.pretrain_epochs = 2
   config.optim.warmup_epochs = 1
-  config.training.num_epochs = 8
+  config.training.num_epochs = 6
   config.training.eval_every_epochs = 2
   config.training.select_metric = "f1_macro"
   config.training.batch_size = 32

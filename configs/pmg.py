@@ -20,5 +20,5 @@ def get_config():
   config.data.test_fraction = 0.2  # paper: 8:2.
   config.training.batch_size = 64
   config.training.eval_batch_size = 64
-  config.diffusion.test_timesteps = 100
+  config.diffusion.test_steps = 100
   return config

@@ -25,8 +25,8 @@ def get_config():
   config.model.encoder_width = 8
   config.model.feature_dim = 32
   config.diffusion.timesteps = 10
-  config.diffusion.test_timesteps = 5
-  config.diffusion.val_timesteps = 10
+  config.diffusion.test_steps = 5
+  config.diffusion.val_steps = 10
   config.optim.warmup_epochs = 1
   config.training.batch_size = 8
   config.training.eval_batch_size = 8

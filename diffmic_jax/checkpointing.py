@@ -14,6 +14,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from diffmic_jax import sharding
+from diffmic_jax import trees
 
 KINDS = ("latest", "best")
 
@@ -82,6 +83,20 @@ class Checkpointer:
         state=ocp.args.StandardRestore(target), meta=ocp.args.JsonRestore()))
     return restored["state"], restored["meta"]
 
+  def read_meta(self, kind: str, step: int) -> dict:
+    """The JSON meta item of one checkpoint (the state is not read)."""
+    restored = self._managers[kind].restore(int(step), args=ocp.args.Composite(
+        meta=ocp.args.JsonRestore()))
+    return restored["meta"]
+
+  def delete(self, kind: str, step: int) -> None:
+    """Removes one finished checkpoint (a stale one the resumed run will write again).
+
+    Every process of a multi-process run must call it: Orbax synchronises them, and process 0
+    removes the files.
+    """
+    self._managers[kind].delete(int(step))
+
   def wait(self) -> None:
     for manager in self._managers.values():
       manager.wait_until_finished()
@@ -91,15 +106,10 @@ class Checkpointer:
       manager.close()
 
 
-def _flatten(tree):
-  flat, _ = jax.tree_util.tree_flatten_with_path(tree)
-  return {jax.tree_util.keystr(path, simple=True, separator="/"): leaf for path, leaf in flat}
-
-
 def check_structure(stored, expected, where: str) -> None:
   """Raises ValueError naming the first missing, unexpected or mis-shaped entry."""
-  stored_flat = _flatten(stored)
-  expected_flat = _flatten(jax.tree.map(ocp.utils.to_shape_dtype_struct, expected))
+  stored_flat = trees.flatten(stored)
+  expected_flat = trees.flatten(jax.tree.map(ocp.utils.to_shape_dtype_struct, expected))
   missing = sorted(set(expected_flat) - set(stored_flat))
   extra = sorted(set(stored_flat) - set(expected_flat))
   if missing or extra:

@@ -44,6 +44,7 @@ import jax.numpy as jnp
 from ml_collections import config_flags
 import numpy as np
 
+from diffmic_jax import errors
 from diffmic_jax import pretrained
 
 OFFICIAL_ABLATIONS = ("c2", "full")
@@ -143,15 +144,22 @@ def load_official_file(path: str, trust: bool = False):
   torch = pretrained.require_torch()
   if not os.path.exists(path):
     raise FileNotFoundError(f"checkpoint {path} does not exist")
+  pretrained.check_torch_file(path)
   try:
     return torch.load(path, map_location="cpu", weights_only=True)
   except pickle.UnpicklingError as e:
     if not trust:
-      raise ValueError(f"{path} holds objects beyond tensors and containers, which torch's "
-                       "weights-only loader refuses; if you trust the file, rerun with "
-                       f"--trust-checkpoint (full unpickling). Loader said: {e}") from e
+      raise errors.UserError(f"{path} holds objects beyond tensors and containers, which "
+                             "torch's weights-only loader refuses; if you trust the file, rerun "
+                             f"with --trust-checkpoint (full unpickling). Loader said: {e}") from e
+  except (RuntimeError, EOFError, OSError) as e:
+    raise errors.UserError(f"{path}: not a readable PyTorch checkpoint ({e}); expected an "
+                           "official ckpt.pth / aux_ckpt.pth saved by torch.save") from e
   # The user vouched for the file (--trust-checkpoint): full unpickling, see the docstring.
-  return torch.load(path, map_location="cpu", weights_only=False)
+  try:
+    return torch.load(path, map_location="cpu", weights_only=False)
+  except (pickle.UnpicklingError, RuntimeError, EOFError, OSError) as e:
+    raise errors.UserError(f"{path}: not a readable PyTorch checkpoint ({e})") from e
 
 
 def _is_state_dict(obj) -> bool:
@@ -188,7 +196,7 @@ def parse_aux_checkpoint(obj, path: str):
 
 def build_official_state(config, denoiser_state_dict, dcg_state_dict, *, step: int = 0,
                          ema_shadow=None, use_ema: bool = False, sources=("ckpt", "aux_ckpt")):
-  """Builds the TrainState that train.py expects from official state_dicts.
+  """Builds the TrainState that training and evaluation expect from official state_dicts.
 
   Args:
     config: the experiment config (must describe the official model, see CONFIG_HINT).
@@ -200,12 +208,12 @@ def build_official_state(config, denoiser_state_dict, dcg_state_dict, *, step: i
     sources: (denoiser file, DCG file) names for errors.
 
   Returns:
-    a train.TrainState with fresh optimiser states, checked against the abstract state that
-    `train.create_train_state` builds for this config.
+    a train_state.TrainState with fresh optimiser states, checked against the abstract state that
+    `train_state.create_train_state` builds for this config.
   """
   from diffmic_jax import checkpointing  # pylint: disable=g-import-not-at-top
   from diffmic_jax import models as models_lib  # pylint: disable=g-import-not-at-top
-  from diffmic_jax import train  # pylint: disable=g-import-not-at-top
+  from diffmic_jax import train_state  # pylint: disable=g-import-not-at-top
 
   if config.ablation not in OFFICIAL_ABLATIONS:
     raise ValueError(f"config.ablation={config.ablation!r}: official checkpoints hold a DCG and "
@@ -217,9 +225,9 @@ def build_official_state(config, denoiser_state_dict, dcg_state_dict, *, step: i
   config.guidance.pretrained = ""  # the official weights replace any ImageNet initialisation.
   config.model.encoder_pretrained = ""
   models = models_lib.create_models(config)
-  guidance_tx, denoiser_tx, _ = train.build_optimizers(config, steps_per_epoch=1)
+  guidance_tx, denoiser_tx, _ = train_state.build_optimizers(config, steps_per_epoch=1)
   seed_key = jax.random.PRNGKey(config.seed)
-  abstract = train.abstract_train_state(models, config)
+  abstract = train_state.abstract_train_state(models, config)
   try:
     denoiser = convert_official_model(denoiser_state_dict, abstract.denoiser,
                                       official_denoiser_module, sources[0])
@@ -233,13 +241,9 @@ def build_official_state(config, denoiser_state_dict, dcg_state_dict, *, step: i
     raise pretrained.WeightMismatchError(f"{e}\nHint: {CONFIG_HINT}") from e
   if use_ema:
     denoiser = {**denoiser, "params": ema}
-  if ema is None:
-    ema = jax.tree.map(jnp.copy, denoiser["params"])
   _, key_train = jax.random.split(seed_key)
-  state = train.TrainState(
-      step=jnp.asarray(step, jnp.int32), key=key_train,
-      guidance=guidance, guidance_opt=jax.jit(guidance_tx.init)(guidance["params"]),
-      denoiser=denoiser, denoiser_opt=jax.jit(denoiser_tx.init)(denoiser["params"]), ema=ema)
+  state = train_state.from_variables({"guidance": guidance, "denoiser": denoiser}, guidance_tx,
+                                     denoiser_tx, key_train, step=step, ema=ema)
   checkpointing.check_structure(state, abstract, "converted official weights")
   return state
 
@@ -252,13 +256,13 @@ def convert_official(config, ckpt: str, aux_ckpt: str, workdir: str, *, use_ema:
     the meta written with the checkpoints (plus 'step').
   """
   from diffmic_jax import checkpointing  # pylint: disable=g-import-not-at-top
+  from diffmic_jax import train_state  # pylint: disable=g-import-not-at-top
 
   state_dict, step, ema_shadow = parse_denoiser_checkpoint(load_official_file(ckpt, trust), ckpt)
   dcg_state_dict = parse_aux_checkpoint(load_official_file(aux_ckpt, trust), aux_ckpt)
   state = build_official_state(config, state_dict, dcg_state_dict, step=step,
                                ema_shadow=ema_shadow, use_ema=use_ema, sources=(ckpt, aux_ckpt))
-  meta = {"data_iter": None, "stage": "joint", "best_accuracy": -1.0, "best_step": step,
-          "source": "official"}
+  meta = train_state.run_meta(None, "joint", best_step=step, source="official")
   checkpointer = checkpointing.Checkpointer(workdir)
   for kind in kinds:
     checkpointer.save(kind, step, state, meta)
@@ -353,7 +357,8 @@ def main(argv):
     logging.set_verbosity(logging.WARNING)  # orbax logs every save step at INFO.
   try:
     run_command(argv[1])
-  except (pretrained.WeightMismatchError, FileNotFoundError, ImportError) as e:
+  except (errors.UserError, pretrained.WeightMismatchError, FileNotFoundError,
+          ImportError) as e:
     sys.exit(f"error: {e}")
 
 

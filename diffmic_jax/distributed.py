@@ -10,11 +10,22 @@ One process runs per host (or per GPU); together they see every device of the jo
 
 On CPU the processes exchange data through gloo collectives, which must be chosen before JAX
 creates its CPU backend; GPUs use NCCL whatever this setting says.
+
+Process 0 writes the run's records; `from_primary` hands its decisions (the workdir lock, the
+validations already done) to the others, `primary_first` lets it prepare a dataset before they
+read it, and `exit_at_once_on_error` ends a failing process without waiting for its peers.
 """
 
+import contextlib
+import json
 import os
+import sys
+import traceback
 
 import jax
+import numpy as np
+from absl import logging
+from jax.experimental import multihost_utils
 
 COORDINATOR_ENV = "DIFFMIC_COORDINATOR_ADDRESS"  # host:port of process 0's coordinator
 NUM_PROCESSES_ENV = "DIFFMIC_NUM_PROCESSES"
@@ -57,3 +68,72 @@ def initialize(enabled: bool) -> None:
 def is_primary() -> bool:
   """True in the process that writes the run's records (config, metrics, reports, plots)."""
   return jax.process_index() == 0
+
+
+def from_primary(value):
+  """Process 0's `value` in every process (a collective: every process must call it).
+
+  Args:
+    value: anything JSON can encode; only process 0's is used.
+
+  Returns:
+    process 0's value, decoded from JSON in the other processes; `value` itself in a
+    one-process run.
+  """
+  if jax.process_count() == 1:
+    return value
+  data = np.frombuffer(json.dumps(value).encode(), np.uint8) if is_primary() else None
+  size = int(multihost_utils.broadcast_one_to_all(np.int32(0 if data is None else data.size)))
+  buffer = np.zeros(size, np.int32) if data is None else data.astype(np.int32)
+  buffer = np.asarray(multihost_utils.broadcast_one_to_all(buffer))
+  return json.loads(buffer.astype(np.uint8).tobytes().decode())
+
+
+@contextlib.contextmanager
+def primary_first(name: str):
+  """Process 0 runs the block first (preparing a dataset, say); the others run it once process
+  0 has finished it. A block that fails in process 0 leaves the others waiting: the launcher
+  (or the cluster) stops them when process 0 exits."""
+  if jax.process_count() == 1:
+    yield
+    return
+  if not is_primary():
+    multihost_utils.sync_global_devices(f"diffmic primary_first {name}")
+  yield
+  if is_primary():
+    multihost_utils.sync_global_devices(f"diffmic primary_first {name}")
+
+
+def _exit_status(error: BaseException):
+  """The exit status for an exception, or None for an exit that is not a failure."""
+  if isinstance(error, SystemExit):
+    code = error.code
+    if code is None or code == 0:
+      return None
+    return code if isinstance(code, int) else 1
+  if isinstance(error, KeyboardInterrupt):
+    return 130
+  return 1
+
+
+@contextlib.contextmanager
+def exit_at_once_on_error():
+  """In a multi-process run, a process that fails exits at once, with its error printed.
+
+  A normal exit would first wait in JAX's shutdown barrier for the other processes, which
+  themselves wait in a collective for this one: nobody would exit until a timeout, and
+  `diffmic_jax.launch` could not stop the run. Files are closed and checkpoints finished by
+  then (the training loop closes them on the way out). One-process runs exit as usual.
+  """
+  try:
+    yield
+  except BaseException as e:  # pylint: disable=broad-exception-caught
+    status = _exit_status(e)
+    if status is None or not jax.distributed.is_initialized():
+      raise
+    if not isinstance(e, SystemExit):  # SystemExit: the message is already printed
+      traceback.print_exc()
+    logging.flush()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(status)  # pylint: disable=protected-access

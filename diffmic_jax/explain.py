@@ -7,12 +7,12 @@ The inputs are the DCG's own intermediates (`dcg.DCG` returns them in `aux`;
 """
 
 import functools
-import os
 
 import jax
 import numpy as np
 from scipy import special
 
+from diffmic_jax import files
 from diffmic_jax import input_pipeline
 from diffmic_jax import sampler
 
@@ -90,10 +90,8 @@ def save_overlay(path: str, image, aux: dict, *, class_index: int, crop_size: in
   from matplotlib import pyplot as plt  # pylint: disable=g-import-not-at-top
   fig = overlay_figure(image, aux["cam"], aux["roi_positions"], aux["attention"],
                        class_index=class_index, crop_size=crop_size, title=title)
-  tmp = path + ".tmp.png"
-  fig.savefig(tmp, dpi=100)
+  files.save_figure(fig, path, dpi=100)
   plt.close(fig)
-  os.replace(tmp, path)
 
 
 def title(names, predictions: dict, i: int, label: int | None = None) -> str:

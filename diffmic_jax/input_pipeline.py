@@ -19,8 +19,11 @@ import ml_collections
 import numpy as np
 from PIL import Image
 
+from diffmic_jax import errors
+from diffmic_jax import files
 from diffmic_jax.datasets import builders
 from diffmic_jax.datasets import demo
+from diffmic_jax.datasets import layouts
 from diffmic_jax.datasets import splits as splits_lib
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -36,6 +39,7 @@ class Splits(NamedTuple):
   val: Any
   test: Any
   class_names: tuple[str, ...]
+  record: dict | None = None  # the content of split.json (see `write_split`)
 
 
 class ArraySource:
@@ -148,33 +152,64 @@ def _split_indices(config, metadata: dict[str, list], keep: np.ndarray) -> dict[
 def _write_json(path: str, content: dict) -> None:
   """Writes atomically (a reader never sees a partial file)."""
   os.makedirs(os.path.dirname(path), exist_ok=True)
-  tmp = f"{path}.tmp{os.getpid()}"
-  with open(tmp, "w") as f:
-    json.dump(content, f, indent=1)
-  os.replace(tmp, path)
+  files.write_json(path, content, indent=1)
 
 
-def _save_split(workdir: str, config, class_names, ids_per_split, extra: dict) -> None:
-  """Writes <workdir>/split.json; refuses to silently change the split of an existing run."""
+def _check_split(workdir: str, config, ids_per_split) -> None:
+  """Refuses to silently change the split saved by an existing run (DIR/split.json)."""
   path = os.path.join(workdir, "split.json")
-  content = {"dataset": config.name, "class_names": list(class_names),
-             "split_seed": config.split_seed,
-             **{name: ids for name, ids in ids_per_split.items()}, **extra}
   if os.path.isfile(path) and not config.split_file:
-    with open(path) as f:
-      saved = json.load(f)
+    try:
+      with open(path) as f:
+        saved = json.load(f)
+    except ValueError as e:
+      raise errors.UserError(f"{path}: not valid JSON ({e}); expected this run's split") from e
     if any(saved.get(name) != ids for name, ids in ids_per_split.items()):
-      raise ValueError(f"{path}: the split saved by this run differs from the one the config now "
-                       f"gives; set data.split_file={path} to keep it or use a new workdir")
-  _write_json(path, content)
+      raise errors.UserError(
+          f"{path}: the split saved by this run differs from the one the config now gives; set "
+          f"data.split_file={path} to keep it or use a new workdir")
 
 
-def create_splits(data_config: ml_collections.ConfigDict, workdir: str | None) -> Splits:
+def write_split(workdir: str, splits: Splits) -> None:
+  """Writes <workdir>/split.json atomically (call once the run has been accepted)."""
+  _write_json(os.path.join(workdir, "split.json"), splits.record)
+
+
+def validate_data_config(config: ml_collections.ConfigDict) -> None:
+  """Checks the `config.data` choices against the builders' registry (before any build)."""
+  if config.name != "demo":
+    builders.check_kind(config.name)
+  if config.name == "ham10000" and config.label_order not in layouts.HAM_LABEL_ORDERS:
+    raise errors.UserError(f"config.data.label_order={config.label_order!r}; choose from "
+                           f"{sorted(layouts.HAM_LABEL_ORDERS)}")
+  if config.name == "demo" and config.demo_num_examples < 1:
+    raise errors.UserError(f"config.data.demo_num_examples={config.demo_num_examples}; "
+                           "expected >= 1")
+
+
+def _check_every_class_split(indices: dict[str, np.ndarray], labels: np.ndarray, class_names,
+                             config) -> None:
+  """Raises naming a class that has no example in one of the splits (it could not be scored)."""
+  for c, name in enumerate(class_names):
+    counts = {split: int(np.sum(labels[index] == c)) for split, index in indices.items()}
+    total = sum(counts.values())
+    empty = [split for split, n in counts.items() if n == 0]
+    if empty and total:
+      raise errors.UserError(
+          f"data: class {name!r} has {total} example(s), too few for the split "
+          f"(none in {empty}; data.test_fraction={config.test_fraction}, "
+          f"data.val_fraction={config.val_fraction}); a class needs an example in each of "
+          "train, val and test: add images, or give data.split_file")
+
+
+def create_splits(data_config: ml_collections.ConfigDict, workdir: str | None,
+                  write: bool = True) -> Splits:
   """Builds (once, cached under data_config.data_dir) or loads the dataset and splits it.
 
   Args:
     data_config: the `config.data` section (see configs/default.py).
-    workdir: where split.json (example ids per split) is written; None writes nothing.
+    workdir: where split.json (example ids per split) is checked and written; None: neither.
+    write: write split.json (False: only check it; `write_split` writes it later).
 
   Returns:
     Splits(train, val, test, class_names); each source has `labels` and `ids`.
@@ -202,12 +237,18 @@ def create_splits(data_config: ml_collections.ConfigDict, workdir: str | None) -
                  dedup["num_dropped_conflicting_labels"])
   indices = _split_indices(data_config, metadata, keep)
   labels = np.asarray(metadata["label"], np.int64)
+  _check_every_class_split(indices, labels, class_names, data_config)
   sources = {name: SubsetSource(base, index, labels[index], [metadata["id"][i] for i in index])
              for name, index in indices.items()}
+  ids_per_split = {name: src.ids for name, src in sources.items()}
+  record = {"dataset": data_config.name, "class_names": list(class_names),
+            "split_seed": data_config.split_seed, **ids_per_split, **extra}
+  splits = Splits(sources["train"], sources["val"], sources["test"], class_names, record)
   if workdir:
-    _save_split(workdir, data_config, class_names,
-                {name: src.ids for name, src in sources.items()}, extra)
-  return Splits(sources["train"], sources["val"], sources["test"], class_names)
+    _check_split(workdir, data_config, ids_per_split)
+    if write:
+      write_split(workdir, splits)
+  return splits
 
 
 # ----------------------------------------------------------------------------- batches

@@ -13,9 +13,11 @@ The launcher forwards SIGINT and SIGTERM to every process and kills those still 
 `--grace_seconds` later (jax.distributed catches SIGTERM as a preemption notice and carries on).
 When a process exits with an error (or is killed), the others are stopped too (SIGTERM, then
 SIGKILL after the grace period), the launcher names the process that failed and exits non-zero:
-a peer would otherwise wait forever in a collective for the process that died. Checkpoints are
-written atomically, so stopping a process never leaves a checkpoint that would be restored. Exit status: the failing process's status (128 +
-signal number when a signal ended it), or 128 + signal number when the launcher was signalled.
+a peer would otherwise wait forever in a collective for the process that died (a failing
+process of diffmic_jax.main exits at once: `distributed.exit_at_once_on_error`). Checkpoints are
+written atomically, so stopping a process never leaves a checkpoint that would be restored.
+Exit status: the failing process's status (128 + signal number when a signal ended it), or
+128 + signal number when the launcher was signalled.
 """
 
 import argparse

@@ -9,6 +9,7 @@
 """
 
 import json
+import logging as std_logging
 import os
 import sys
 
@@ -19,10 +20,15 @@ from absl import logging
 from ml_collections import config_flags
 
 from diffmic_jax import distributed
+from diffmic_jax import errors
+from diffmic_jax import evaluate
+from diffmic_jax import files
 from diffmic_jax import host
 from diffmic_jax import predict
+from diffmic_jax import run as run_lib
 from diffmic_jax import summary
 from diffmic_jax import train
+from diffmic_jax.datasets import splits as splits_lib
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file.",
                                           lock_config=True)
@@ -37,11 +43,13 @@ _OUTPUT = flags.DEFINE_string("output", None, "--mode predict: output folder "
                               "(default WORKDIR/predict).")
 _OVERLAYS = flags.DEFINE_bool("overlays", False, "--mode predict: write an explanation PNG "
                                "(CAM, ROI boxes, attention) per image to OUTPUT/overlays.")
-_SPLIT = flags.DEFINE_enum("split", "test", ["test", "val", "train"], "--mode eval: split.")
+_SPLIT = flags.DEFINE_enum("split", "test", splits_lib.SPLIT_NAMES, "--mode eval: split.")
 
-# Errors a user can fix (a bad config value, a missing file or checkpoint): one clear line and
-# exit status 1 instead of a traceback.
-USER_ERRORS = (ValueError, FileNotFoundError, FloatingPointError, KeyError)
+# Errors a user can fix (a bad config value, a missing file or checkpoint, a workdir that cannot
+# be written): one clear line and exit status 1 instead of a traceback. KeyError, TypeError and
+# the rest are bugs and keep their traceback.
+USER_ERRORS = (errors.UserError, ValueError, FileNotFoundError, PermissionError,
+               FloatingPointError)
 
 
 def _enable_compilation_cache() -> None:
@@ -55,6 +63,7 @@ def _enable_compilation_cache() -> None:
 def _run(argv) -> None:
   del argv
   config = _CONFIG.value
+  run_lib.apply_deprecated_names(config)
   if _MODE.value == "summary":
     print(json.dumps(summary.model_summary(config), indent=2))
     return
@@ -69,35 +78,62 @@ def _run(argv) -> None:
     return
   # Before anything asks JAX for its devices: join the other processes of a multi-process run.
   distributed.initialize(config.training.distributed)
-  os.makedirs(workdir, exist_ok=True)
+  if jax.process_index() != 0 and not flags.FLAGS["verbosity"].present:
+    logging.set_verbosity(logging.WARNING)  # other processes would repeat process 0's lines
   logging.info("devices: %s", jax.devices())
-  if jax.process_index() == 0:
-    name = "config.json" if _MODE.value == "train" else "eval_config.json"
-    with open(os.path.join(workdir, name), "w") as f:
-      f.write(config.to_json_best_effort(indent=2))
   if _MODE.value == "train":
+    # train_and_evaluate locks the workdir and writes config.json once the run is accepted.
     train.train_and_evaluate(config, workdir)
-  else:
-    train.evaluate_checkpoint(config, workdir, split=_SPLIT.value, checkpoint=_CHECKPOINT.value)
+    return
+  if not os.path.isdir(workdir):
+    raise errors.UserError(f"--workdir {workdir}: no such directory (train first)")
+  evaluate.evaluate_checkpoint(config, workdir, split=_SPLIT.value, checkpoint=_CHECKPOINT.value)
+  if jax.process_index() == 0:  # the config of the last evaluation, written after it succeeded
+    files.write_text(os.path.join(workdir, "eval_config.json"),
+                     config.to_json_best_effort(indent=2))
+
+
+class _OwnInfoOnly(std_logging.Filter):
+  """Passes our INFO lines (resuming, dataset preparation) and everyone's warnings: orbax and
+  grain log every save at INFO, which --verbosity=0 shows."""
+
+  def filter(self, record: std_logging.LogRecord) -> bool:
+    return record.levelno >= std_logging.WARNING or record.pathname.startswith(_PACKAGE_DIR)
+
+
+_PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__)) + os.sep
 
 
 def main(argv) -> None:
-  # Orbax and grain log every save at INFO; keep the console to our progress bar and reports
-  # unless the user asks for more with --verbosity.
+  # Status lines go through absl logging (stderr), results (the metrics table) to stdout.
   if not flags.FLAGS["verbosity"].present:
-    logging.set_verbosity(logging.WARNING)
+    logging.set_verbosity(logging.INFO)
+    logging.get_absl_handler().addFilter(_OwnInfoOnly())
   # Before the first JAX computation: keep XLA's large CPU buffers in the allocator instead of
   # unmapping and page-faulting them every call (7% faster paper-config inference here; see
   # experiments/README.md). Only glibc's allocator settings change; harmless elsewhere.
   host.tune_cpu_malloc()
   _enable_compilation_cache()
+  # A failing process of a multi-process run exits at once, so that its peers are stopped.
+  with distributed.exit_at_once_on_error():
+    try:
+      _run(argv)
+    except USER_ERRORS as e:
+      print(f"error: {e}", file=sys.stderr)
+      sys.exit(1)
+
+
+def _parse_flags(argv):
+  """absl's parser, with a misspelled `--config.a.b` field reported as one line, not a traceback."""
   try:
-    _run(argv)
-  except USER_ERRORS as e:
-    print(f"error: {e}", file=sys.stderr)
+    return app.parse_flags_with_usage(argv)
+  except (AttributeError, KeyError) as e:  # raised by ml_collections for an unknown field
+    bad = [a.split("=")[0] for a in argv[1:] if a.startswith("--config.")]
+    hint = " ".join(str(e.args[0] if e.args else e).replace("\\'", "'").split("\\n")).strip("'")
+    print(f"error: unknown config field in {bad}: {hint}", file=sys.stderr)
     sys.exit(1)
 
 
 if __name__ == "__main__":
   flags.mark_flags_as_required(["config"])
-  app.run(main)
+  app.run(main, flags_parser=_parse_flags)

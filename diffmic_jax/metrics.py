@@ -4,11 +4,15 @@ Built on scikit-learn; specificity and the expected calibration error, which sci
 not provide, are derived from the confusion matrix and the probabilities.
 """
 
-import json
-import os
-
 import numpy as np
 from sklearn import metrics as skm
+
+from diffmic_jax import files
+
+
+# Keys of `classification_metrics` that may choose the best checkpoint on validation
+# (config.training.select_metric; official: accuracy).
+SELECT_METRICS = ("accuracy", "f1_macro", "balanced_accuracy")
 
 
 def expected_calibration_error(probs, labels, num_bins: int = 15) -> float:
@@ -46,17 +50,22 @@ def classification_metrics(probs, labels, num_classes: int) -> dict:
   """All metrics of one classifier on one split.
 
   Args:
-    probs: [N, C] class probabilities (softmax of ŷ₀ or of guidance logits).
+    probs: [N, C] class probabilities (softmax of ŷ₀ or of guidance logits); a row with a
+      non-finite entry (a diverged prediction) counts as wrong: its prediction is another class
+      than the label, its probabilities uniform for AUC and ECE.
     labels: [N] integer labels.
     num_classes: C.
 
   Returns:
     accuracy, macro/weighted F1, quadratic-weighted kappa, balanced accuracy, macro OvR AUC,
-    ECE, per-class precision/sensitivity/specificity and the confusion matrix (rows = truth).
+    ECE, per-class precision/sensitivity/specificity, the confusion matrix (rows = truth) and
+    num_nonfinite (rows counted as wrong).
   """
   probs = np.asarray(probs, np.float64)
   labels = np.asarray(labels, np.int64)
-  preds = probs.argmax(axis=1)
+  finite = np.isfinite(probs).all(axis=1)
+  probs = np.where(finite[:, None], probs, 1.0 / num_classes)
+  preds = np.where(finite, probs.argmax(axis=1), (labels + 1) % num_classes)
   classes = list(range(num_classes))
   confusion = skm.confusion_matrix(labels, preds, labels=classes)
   f1 = lambda avg: float(skm.f1_score(labels, preds, labels=classes, average=avg, zero_division=0))
@@ -75,6 +84,7 @@ def classification_metrics(probs, labels, num_classes: int) -> dict:
       "ece": expected_calibration_error(probs, labels),
       "per_class": per_class(confusion),
       "confusion_matrix": confusion.tolist(),
+      "num_nonfinite": int(np.sum(~finite)),
   }
 
 
@@ -96,8 +106,9 @@ def format_table(results: dict, class_names) -> str:
   return "\n".join(lines)
 
 
-def save_confusion_png(confusion, class_names, path: str, title: str) -> None:
-  """Writes the confusion matrix as a PNG (matplotlib, headless backend)."""
+def save_confusion_png(confusion, class_names, path, title: str) -> None:
+  """Writes the confusion matrix as a PNG (matplotlib, headless backend) to a path (atomically)
+  or a binary file object."""
   import matplotlib  # pylint: disable=g-import-not-at-top
   matplotlib.use("Agg")
   from matplotlib import pyplot as plt  # pylint: disable=g-import-not-at-top
@@ -106,16 +117,13 @@ def save_confusion_png(confusion, class_names, path: str, title: str) -> None:
   display.plot(ax=ax, colorbar=False, xticks_rotation=45)
   ax.set_title(title)
   fig.tight_layout()
-  fig.savefig(path, dpi=100)
+  files.save_figure(fig, path, dpi=100)
   plt.close(fig)
 
 
 def write_json(path: str, payload) -> None:
   """Writes JSON atomically (temporary file then rename)."""
-  tmp = path + ".tmp"
-  with open(tmp, "w") as f:
-    json.dump(payload, f, indent=2)
-  os.replace(tmp, path)
+  files.write_json(path, payload)
 
 
 # ----------------------------------------------------------------------------- uncertainty
@@ -193,7 +201,7 @@ def save_defer_png(curves: dict, path: str, title: str) -> None:
   axes[0].legend(fontsize=8)
   fig.suptitle(title)
   fig.tight_layout()
-  fig.savefig(path, dpi=100)
+  files.save_figure(fig, path, dpi=100)
   plt.close(fig)
 
 
@@ -210,5 +218,5 @@ def save_reliability_png(curves: dict, path: str, title: str) -> None:
   ax.legend(fontsize=8)
   ax.grid(alpha=0.3)
   fig.tight_layout()
-  fig.savefig(path, dpi=100)
+  files.save_figure(fig, path, dpi=100)
   plt.close(fig)

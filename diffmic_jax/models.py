@@ -14,6 +14,7 @@ import ml_collections
 from diffmic_jax import dcg
 from diffmic_jax import denoiser
 from diffmic_jax import diffusion
+from diffmic_jax import losses
 from diffmic_jax import resnet
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
@@ -143,7 +144,7 @@ def create_models(config: ml_collections.ConfigDict) -> Models:
   return Models(guidance, noise_model, int(d.timesteps), float(d.beta_start), float(d.beta_end),
                 _choice(d.prior, PRIORS, "diffusion.prior"), m.conditioning,
                 mmd_weight,
-                _choice(d.mmd_kernel, ("gaussian", "multi"), "diffusion.mmd_kernel"), num_classes,
+                _choice(d.mmd_kernel, losses.KERNELS, "diffusion.mmd_kernel"), num_classes,
                 _choice(d.schedule_dtype, diffusion.SCHEDULE_DTYPES, "diffusion.schedule_dtype"),
                 GUIDANCE_HEADS[ablation["guidance"]], _clip_bound(d.clip_y0),
                 _probability(m.cond_dropout, "model.cond_dropout"))

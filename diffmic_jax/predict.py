@@ -19,13 +19,15 @@ from typing import Iterator
 
 import numpy as np
 import tqdm
+from absl import logging
 from scipy import special
 
 from diffmic_jax import evaluate
 from diffmic_jax import explain
+from diffmic_jax import files
 from diffmic_jax import input_pipeline
+from diffmic_jax import run as run_lib
 from diffmic_jax import sharding
-from diffmic_jax import train
 from diffmic_jax.datasets import images as images_lib
 
 
@@ -121,11 +123,10 @@ def _pad(images: list, batch_size: int) -> dict:
 
 def _write_csv(path: str, header: list, rows) -> None:
   """Writes a CSV atomically (temporary file then rename)."""
-  with open(path + ".tmp", "w", newline="") as f:
+  with files.atomic_open(path, "w", newline="") as f:
     writer = csv.writer(f)
     writer.writerow(header)
     writer.writerows(rows)
-  os.replace(path + ".tmp", path)
 
 
 def prediction_rows(paths, predictions: dict, names) -> tuple[list, list]:
@@ -173,7 +174,7 @@ def predict_files(config, workdir: str, input_path: str, output_dir: str | None 
   paths = find_inputs(input_path)
   names = class_names(config, workdir)
   output_dir = output_dir or os.path.join(workdir, "predict")
-  models, variables = train.load_variables(config, workdir, checkpoint)
+  models, variables = evaluate.load_variables(config, workdir, checkpoint)
   mesh = sharding.make_mesh()
   variables = sharding.replicate(variables, mesh)  # batches are sharded over the mesh
   batch_size = sharding.check_batch_size(config.training.eval_batch_size, mesh,
@@ -182,8 +183,8 @@ def predict_files(config, workdir: str, input_path: str, output_dir: str | None 
   d = config.diffusion
   with tqdm.tqdm(total=len(paths), desc="predict", unit="image", dynamic_ncols=True) as bar:
     batches = _batches(paths, config.data.image_size, batch_size, good, skipped, bar)
-    predictions = _run(models, variables, batches, train.eval_key(config), mesh,
-                       sampler_name=d.sampler, num_steps=d.test_timesteps,
+    predictions = _run(models, variables, batches, run_lib.eval_key(config), mesh,
+                       sampler_name=d.sampler, num_steps=d.test_steps,
                        num_samples=d.predict_num_samples)
   os.makedirs(output_dir, exist_ok=True)
   with open(os.path.join(output_dir, "config.json"), "w") as f:
@@ -225,7 +226,7 @@ def write_overlays(models, variables, paths, predictions: dict, names, image_siz
   the row of predictions.csv; nothing for a model without a DCG. Returns the paths written."""
   crop_size = getattr(models.guidance, "crop_size", None)
   if crop_size is None:
-    print("--overlays: this model has no DCG (no CAM or ROIs); no overlays written")
+    logging.warning("--overlays: this model has no DCG (no CAM or ROIs); no overlays written")
     return []
   os.makedirs(out_dir, exist_ok=True)
   written = []

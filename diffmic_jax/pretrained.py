@@ -23,14 +23,18 @@ present, and shapes must agree; the error names the file and the first mismatch.
 """
 
 import os
+import pickle
 import re
+import zipfile
 from typing import Any, Callable, Iterable, Mapping, NamedTuple, Optional, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from diffmic_jax import errors
 from diffmic_jax import resnet
+from diffmic_jax import trees
 
 SEP = "/"
 META = "__meta__"
@@ -66,27 +70,13 @@ class TrunkSignature(NamedTuple):
 
 
 def flatten(tree: Mapping) -> dict:
-  """{'a': {'b': x}} -> {'a/b': x} (dicts only, in insertion order)."""
-  flat = {}
-  for key, value in tree.items():
-    if isinstance(value, Mapping):
-      for sub, leaf in flatten(value).items():
-        flat[f"{key}{SEP}{sub}"] = leaf
-    else:
-      flat[str(key)] = value
-  return flat
+  """{'a': {'b': x}} -> {'a/b': x} (dicts only; `trees.flatten_dicts`)."""
+  return trees.flatten_dicts(tree, SEP)
 
 
 def unflatten(flat: Mapping) -> dict:
   """Inverse of `flatten`."""
-  tree = {}
-  for key, value in flat.items():
-    node = tree
-    *parents, leaf = key.split(SEP)
-    for name in parents:
-      node = node.setdefault(name, {})
-    node[leaf] = value
-  return tree
+  return trees.unflatten(flat, SEP)
 
 
 def _to_dict(tree):
@@ -297,9 +287,34 @@ def read_state_dict(path: str) -> dict:
   return readers[ext](path)
 
 
+def check_torch_file(path: str) -> None:
+  """Raises naming the file unless it looks like a complete torch.save file: a zip archive whose
+  entries pass their CRC, or a legacy (pre-1.6) pickle. torch's own error for a truncated or
+  foreign file is a bare traceback."""
+  with open(path, "rb") as f:
+    head = f.read(2)
+  if head == b"PK":
+    try:
+      with zipfile.ZipFile(path) as archive:
+        bad = archive.testzip()
+    except (zipfile.BadZipFile, OSError, EOFError) as e:
+      raise errors.UserError(f"{path}: truncated or damaged PyTorch checkpoint ({e}); expected "
+                             "a complete file written by torch.save (download it again)") from e
+    if bad is not None:
+      raise errors.UserError(f"{path}: damaged PyTorch checkpoint (entry {bad} fails its CRC); "
+                             "download it again")
+  elif head[:1] != b"\x80":  # legacy torch files are pickles (protocol opcode 0x80)
+    raise errors.UserError(f"{path}: not a PyTorch checkpoint (starts with {head!r}); expected "
+                           "a file written by torch.save")
+
+
 def _read_pth(path):
   torch = require_torch()
-  obj = torch.load(path, map_location="cpu", weights_only=True)
+  check_torch_file(path)
+  try:
+    obj = torch.load(path, map_location="cpu", weights_only=True)
+  except (pickle.UnpicklingError, RuntimeError, EOFError) as e:
+    raise errors.UserError(f"{path}: not a readable PyTorch weight file ({e})") from e
   for wrapper in ("state_dict", "model"):
     if isinstance(obj, Mapping) and isinstance(obj.get(wrapper), Mapping):
       obj = obj[wrapper]

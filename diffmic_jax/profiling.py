@@ -12,6 +12,8 @@ import contextlib
 
 import jax
 
+from diffmic_jax import errors
+
 SUBDIR = "profile"
 
 
@@ -19,18 +21,18 @@ def parse_steps(spec: str):
   """'N,M' -> (N, M) with 0 <= N <= M; '' -> None (no profiling).
 
   Raises:
-    ValueError: naming config.training.profile_steps and the expected form.
+    errors.UserError: naming config.training.profile_steps and the expected form.
   """
   if not spec:
     return None
   parts = str(spec).split(",")
   if len(parts) != 2 or not all(p.strip().isdigit() for p in parts):
-    raise ValueError(f"config.training.profile_steps={spec!r}; expected 'N,M' (first and last "
-                     "global step to trace, 0 <= N <= M) or '' (off)")
+    raise errors.UserError(f"config.training.profile_steps={spec!r}; expected 'N,M' (first and "
+                           "last global step to trace, 0 <= N <= M) or '' (off)")
   first, last = (int(p) for p in parts)
   if first > last:
-    raise ValueError(f"config.training.profile_steps={spec!r}: the first step {first} is after "
-                     f"the last {last}")
+    raise errors.UserError(f"config.training.profile_steps={spec!r}: the first step {first} is "
+                           f"after the last {last}")
   return first, last
 
 

@@ -13,6 +13,7 @@ from diffmic_jax import denoiser as denoiser_lib
 from diffmic_jax import diffusion
 from diffmic_jax import models as models_lib
 from diffmic_jax import train
+from diffmic_jax import train_state
 
 
 def _count(tree) -> int:
@@ -61,7 +62,7 @@ def flops_per_image(models, config, variables) -> dict:
       dvars, jax.ShapeDtypeStruct((b, models.denoiser.feature_dim), jnp.float32), vec,
       jax.ShapeDtypeStruct((b, width), jnp.float32)) / b
   d = config.diffusion
-  steps = len(diffusion.timestep_sequence(d.sampler, d.timesteps, d.test_timesteps))
+  steps = len(diffusion.timestep_sequence(d.sampler, d.timesteps, d.test_steps))
   out["inference_sampler_steps"] = steps
   out["inference"] = guidance + out["rho_x"] + steps * out["denoiser_step"]
   out["training_joint_iteration"] = _training_flops(models, config)
@@ -70,8 +71,8 @@ def flops_per_image(models, config, variables) -> dict:
 
 def _training_flops(models, config) -> float:
   batch = config.training.batch_size
-  guidance_tx, denoiser_tx, schedule = train.build_optimizers(config, steps_per_epoch=1)
-  state = train.abstract_train_state(models, config)
+  guidance_tx, denoiser_tx, schedule = train_state.build_optimizers(config, steps_per_epoch=1)
+  state = train_state.abstract_train_state(models, config)
   step = train.make_train_steps(models, config, guidance_tx, denoiser_tx, schedule, 0)["joint"]
   size = config.data.image_size
   batch_spec = {"image": jax.ShapeDtypeStruct((batch, size, size, 3), jnp.float32),

@@ -37,6 +37,8 @@ LEVERS = {
     "full_s1": ["--config.diffusion.num_samples=1"],
     "full_s50": ["--config.diffusion.num_samples=50"],
     "full_ema": ["--config.optim.eval_with_ema=True"],
+    # The official decay 0.9999 averages over ~10k steps, far more than a CPU run takes.
+    "full_ema995": ["--config.optim.eval_with_ema=True", "--config.optim.ema_decay=0.995"],
     "full_dual": ["--config.model.conditioning=dual"],
     "full_warm10": ["--config.guidance.pretrain_epochs=10"],
     "full_lossall": ["--config.guidance.loss=all"],

@@ -60,6 +60,7 @@ from diffmic_jax import sampler
 from diffmic_jax import sharding
 from diffmic_jax import summary
 from diffmic_jax import train
+from diffmic_jax import train_state
 # pylint: enable=g-import-not-at-top,wrong-import-position
 
 _CONFIG = config_flags.DEFINE_config_file(
@@ -216,14 +217,14 @@ def benchmark_inference(models, variables, mesh, samplers, batches, repeats, flo
 def benchmark_training(models, config, mesh, stages, batches, repeats, want_flops):
   """One row per (stage, batch): the jitted, donating step of `train.make_train_steps`."""
   rows = []
-  guidance_tx, denoiser_tx, schedule = train.build_optimizers(config, steps_per_epoch=100)
+  guidance_tx, denoiser_tx, schedule = train_state.build_optimizers(config, steps_per_epoch=100)
   steps = train.make_train_steps(models, config, guidance_tx, denoiser_tx, schedule,
                                  joint_start=0)
   for batch in batches:
     batch_arrays = _random_batch(jax.random.PRNGKey(batch), batch, config.data.image_size,
                                  models.num_classes, mesh)
     for stage in stages:
-      state = train.create_train_state(models, config, guidance_tx, denoiser_tx,
+      state = train_state.create_train_state(models, config, guidance_tx, denoiser_tx,
                                        jax.random.PRNGKey(config.seed), load_pretrained=False)
       state = sharding.replicate(state, mesh)
       fn = train.jit_step(steps[stage], mesh)
@@ -315,7 +316,7 @@ def run(config, batches, train_batches, only, sampler_entries, stages, repeats,
 
   if only != "training" and models.denoiser is not None:
     start = time.perf_counter()
-    guidance_tx, denoiser_tx, _ = train.build_optimizers(config, steps_per_epoch=100)
+    guidance_tx, denoiser_tx, _ = train_state.build_optimizers(config, steps_per_epoch=100)
     init = jax.jit(models_lib.init_variables, static_argnums=(0, 2))
     variables = init(models, jax.random.PRNGKey(config.seed), config.data.image_size)
     jax.block_until_ready(variables)

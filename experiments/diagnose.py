@@ -32,7 +32,6 @@ from diffmic_jax import evaluate
 from diffmic_jax import input_pipeline
 from diffmic_jax import metrics
 from diffmic_jax import models as models_lib
-from diffmic_jax import train
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config of the run.", lock_config=False)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Training workdir.")
@@ -174,7 +173,7 @@ def main(argv):
   key = jax.random.PRNGKey(0)
   for ema in (False, True):
     config.optim.eval_with_ema = ema
-    models, variables = train.load_variables(config, workdir, _CHECKPOINT.value)
+    models, variables = evaluate.load_variables(config, workdir, _CHECKPOINT.value)
     tag = "ema" if ema else "raw"
     for split in ("train", "test"):
       batches = list(input_pipeline.eval_batches(getattr(splits, split), config.data,
@@ -194,7 +193,7 @@ def main(argv):
           print(name, json.dumps({k: round(v, 3) for k, v in report[name].items()}), flush=True)
         if not ema:
           ts = diffusion.timestep_sequence("official_truncated", models.num_timesteps,
-                                           config.diffusion.test_timesteps)
+                                           config.diffusion.test_steps)
           for probe in ("shuffle_x", "uniform_cond"):
             row = summarise(collect(models, variables, batches, key, ts, 0.0, _SAMPLES.value,
                                     probe), c)
@@ -202,7 +201,7 @@ def main(argv):
             print(f"{tag} {split} probe_{probe}: " + json.dumps(
                 {k: v for k, v in row.items() if not k.startswith("max_abs_y0_per")}), flush=True)
       T = models.num_timesteps
-      samplers = [("official_truncated", config.diffusion.test_timesteps), ("full", T),
+      samplers = [("official_truncated", config.diffusion.test_steps), ("full", T),
                   ("respaced", 10)]
       if split == "train":
         samplers = samplers[:1]

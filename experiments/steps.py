@@ -35,14 +35,15 @@ from diffmic_jax import evaluate
 from diffmic_jax import input_pipeline
 from diffmic_jax import metrics
 from diffmic_jax import sharding
-from diffmic_jax import train
+from diffmic_jax.datasets import splits as splits_lib
+from diffmic_jax import run as run_lib
 # pylint: enable=g-import-not-at-top,wrong-import-position
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "The run's config file.",
                                           lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "The training workdir.")
 _CHECKPOINT = flags.DEFINE_string("checkpoint", "best", "'best', 'latest' or a step number.")
-_SPLIT = flags.DEFINE_enum("split", "test", ["test", "val", "train"], "Split to score.")
+_SPLIT = flags.DEFINE_enum("split", "test", splits_lib.SPLIT_NAMES, "Split to score.")
 _NUM_SAMPLES = flags.DEFINE_integer("num_samples", 1, "Reverse samples per image (S).")
 _STEPS = flags.DEFINE_list("steps", ["1", "2", "5", "10", "20", "50", "100", "250", "1000"],
                            "Step counts (clipped to T).")
@@ -117,7 +118,7 @@ def main(argv) -> None:
   config, workdir = _CONFIG.value, _WORKDIR.value
   if not workdir:
     raise app.UsageError("--workdir is required")
-  models, variables = train.load_variables(config, workdir, _CHECKPOINT.value)
+  models, variables = evaluate.load_variables(config, workdir, _CHECKPOINT.value)
   splits = input_pipeline.create_splits(config.data, workdir)  # checks split.json
   mesh = sharding.make_mesh()
   variables = sharding.replicate(variables, mesh)
@@ -128,7 +129,7 @@ def main(argv) -> None:
   rows = []
   for name in _SAMPLERS.value:
     for steps in step_counts(name, _STEPS.value, models.num_timesteps):
-      row = measure(models, variables, batches, train.eval_key(config), mesh,
+      row = measure(models, variables, batches, run_lib.eval_key(config), mesh,
                     models.num_classes, sampler_name=name, num_steps=steps,
                     num_samples=_NUM_SAMPLES.value, repeats=_REPEATS.value)
       rows.append(row)

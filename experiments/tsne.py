@@ -30,16 +30,18 @@ import numpy as np
 from sklearn import manifold
 
 from diffmic_jax import diffusion
+from diffmic_jax import evaluate
 from diffmic_jax import input_pipeline
+from diffmic_jax import run as run_lib
 from diffmic_jax import sampler
-from diffmic_jax import train
+from diffmic_jax.datasets import splits as splits_lib
 # pylint: enable=g-import-not-at-top,wrong-import-position
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "The run's config file.",
                                           lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "The training workdir.")
 _CHECKPOINT = flags.DEFINE_string("checkpoint", "best", "'best', 'latest' or a step number.")
-_SPLIT = flags.DEFINE_enum("split", "test", ["test", "val", "train"], "Split to embed.")
+_SPLIT = flags.DEFINE_enum("split", "test", splits_lib.SPLIT_NAMES, "Split to embed.")
 _PANELS = flags.DEFINE_integer("panels", 6, "Steps shown, from the noise to ŷ₀ (>= 2).")
 _MAX = flags.DEFINE_integer("max_examples", 1000, "Use at most this many examples (t-SNE cost).")
 _PNG = flags.DEFINE_string("png", None, "Output PNG (default WORKDIR/eval/tsne.png).")
@@ -95,10 +97,10 @@ def main(argv) -> None:
   config, workdir = _CONFIG.value, _WORKDIR.value
   if _PANELS.value < 2:
     raise app.UsageError("--panels must be at least 2 (the noise and ŷ₀)")
-  models, variables = train.load_variables(config, workdir, _CHECKPOINT.value)
+  models, variables = evaluate.load_variables(config, workdir, _CHECKPOINT.value)
   splits = input_pipeline.create_splits(config.data, workdir)  # checks split.json
   d = config.diffusion
-  timesteps = diffusion.timestep_sequence(d.sampler, d.timesteps, d.test_timesteps)
+  timesteps = diffusion.timestep_sequence(d.sampler, d.timesteps, d.test_steps)
   source = getattr(splits, _SPLIT.value)
   if len(source) > _MAX.value:  # a fixed, class-mixed subset: the first M in split order
     source = input_pipeline.SubsetSource(source, np.arange(_MAX.value),
@@ -106,7 +108,7 @@ def main(argv) -> None:
                                          list(source.ids)[:_MAX.value])
   batches = input_pipeline.eval_batches(source, config.data,
                                         batch_size=config.training.eval_batch_size)
-  states, labels = trajectories(models, variables, batches, train.eval_key(config), timesteps)
+  states, labels = trajectories(models, variables, batches, run_lib.eval_key(config), timesteps)
   chosen = panel_indices(len(states), _PANELS.value)
   names = [f"t = {timesteps[i]}" + (" (μ + z)" if i == 0 else "") for i in chosen[:-1]]
   titles = names + ["ŷ₀"] if chosen[-1] == len(states) - 1 else names

@@ -11,6 +11,7 @@ from diffmic_jax import losses
 from diffmic_jax import models
 from diffmic_jax import sampler
 from diffmic_jax import train
+from diffmic_jax import train_state
 
 EXPECTED = {  # ablation -> (guidance module, has denoiser, MMD weight, stages)
     "basic": (models.Classifier, False, 0.0, ["classifier"]),
@@ -32,8 +33,8 @@ def test_ablation_builds_consistent_models_and_steps(tiny_config, ablation):
   assert bundle.mmd_weight == mmd_weight
   plan = train.stage_plan(bundle, config, steps_per_epoch=6)
   assert [s.name for s in plan] == stages
-  gtx, dtx, schedule = train.build_optimizers(config, 6)
-  state = train.abstract_train_state(bundle, config)
+  gtx, dtx, schedule = train_state.build_optimizers(config, 6)
+  state = train_state.abstract_train_state(bundle, config)
   batch = {"image": jax.ShapeDtypeStruct((8, 32, 32, 3), jnp.float32),
            "label": jax.ShapeDtypeStruct((8,), jnp.int32)}
   steps = train.make_train_steps(bundle, config, gtx, dtx, schedule, plan[-1].start)
@@ -94,8 +95,8 @@ def test_paper_and_alternative_switches_trace(tiny_config, field, value):
   group, name = field.split(".")
   config[group][name] = value
   bundle = models.create_models(config)
-  gtx, dtx, schedule = train.build_optimizers(config, 6)
-  state = train.abstract_train_state(bundle, config)
+  gtx, dtx, schedule = train_state.build_optimizers(config, 6)
+  state = train_state.abstract_train_state(bundle, config)
   batch = {"image": jax.ShapeDtypeStruct((8, 32, 32, 3), jnp.float32),
            "label": jax.ShapeDtypeStruct((8,), jnp.int32)}
   steps = train.make_train_steps(bundle, config, gtx, dtx, schedule, 6)

@@ -4,6 +4,7 @@ import collections
 import csv
 import json
 import os
+import shutil
 import pickle
 
 import numpy as np
@@ -247,9 +248,20 @@ def _empty_class(root):
   os.makedirs(root / "c")
 
 
+def _broken_link(root):
+  os.symlink(root / "a" / "gone.png", root / "a" / "link.png")
+
+
+def _non_utf8_name(root):
+  name = os.fsdecode(b"caf\xe9.png")  # latin-1 bytes: not valid UTF-8
+  _save(str(root / "a" / name))
+
+
 BAD_FOLDER_CASES = {"corrupt": (_corrupt, "bad.png", "not a readable image"),
                     "truncated": (_truncated, "trunc.jpg", "corrupt or truncated"),
-                    "empty_class": (_empty_class, "c", "empty class")}
+                    "empty_class": (_empty_class, "c", "empty class"),
+                    "broken_link": (_broken_link, "link.png", "broken link"),
+                    "non_utf8_name": (_non_utf8_name, "caf\ufffd.png", "not valid UTF-8")}
 
 
 @pytest.mark.parametrize("case", sorted(BAD_FOLDER_CASES))
@@ -276,6 +288,8 @@ def _aptos_csv(root, rows, header=("id_code", "diagnosis")):
 BAD_CSV_CASES = {
     "missing_file": ([["id0", 0], ["id1", 1], ["id9", 2]], "id9.*not found"),
     "unknown_label": ([["id0", 0], ["id1", 7]], "id1.*unknown label"),
+    "duplicate_id": ([["id0", 0], ["id1", 1], ["id0", 2]],
+                     r"train.csv \(row 4, id_code=id0\): duplicate id_code, first listed in row 2"),
 }
 
 
@@ -289,6 +303,58 @@ def test_bad_csv_rows(tmp_path, case):
                        skip_bad_images=True)
   assert len(md["id"]) == len(rows) - 1
   assert len(builders.read_report(builder)["skipped"]) == 1
+
+
+def test_ham_duplicate_image_id_is_named(tmp_path):
+  root = tmp_path / "ham"
+  _ham_tree(root)
+  lines = (root / layouts.HAM_METADATA_CSV).read_text().splitlines()
+  (root / layouts.HAM_METADATA_CSV).write_text("\n".join(lines + [lines[2]]) + "\n")
+  with pytest.raises(layouts.BadInputError,
+                     match=r"\(row 8, image_id=ISIC_0000001\): duplicate image_id.*row 3"):
+    _build(tmp_path, kind="ham10000", manual_dir=str(root))
+  _, md = _build(tmp_path, kind="ham10000", manual_dir=str(root), skip_bad_images=True)
+  assert len(md["id"]) == 6
+
+
+def test_latin1_manifest_names_the_file(tmp_path):
+  _save(str(tmp_path / "img" / "x.png"))
+  manifest = tmp_path / "manifest.csv"
+  manifest.write_bytes("path,label\nimg/x.png,b\xe9nin\n".encode("latin-1"))
+  with pytest.raises(layouts.BadInputError, match=r"manifest.csv: not UTF-8 text"):
+    _build(tmp_path, kind="manifest", manifest_file=str(manifest))
+
+
+def test_leftover_incomplete_build_does_not_break_the_next(tmp_path):
+  root = tmp_path / "folder"
+  _save(str(root / "a" / "0.png"))
+  settings = builders.BuildSettings(kind="image_folder", image_size=SIZE, manual_dir=str(root))
+  final = builders.builder_dir(settings, str(tmp_path / "tfds"))
+  # What a kill -9 during a build leaves: TFDS's temporary folder with partial files.
+  leftover = os.path.join(os.path.dirname(final), f"incomplete.ABC123_{builders.VERSION}")
+  os.makedirs(leftover)
+  open(os.path.join(leftover, "diffmic_image_folder-examples.array_record-00000-of-00001"),
+       "wb").write(b"partial")
+  _, md = _build(tmp_path, kind="image_folder", manual_dir=str(root))
+  assert md["id"] == ["a/0.png"]
+
+
+def test_cache_is_keyed_on_content_not_path_and_tfds_is_quiet(tmp_path, capsys, caplog):
+  caplog.set_level("INFO")
+  root = tmp_path / "folder"
+  for i in range(2):
+    _save(str(root / "a" / f"{i}.png"), seed=i)
+  _build(tmp_path, kind="image_folder", manual_dir=str(root))
+  assert "Preparing the image_folder dataset" in caplog.text
+  assert "Downloading" not in capsys.readouterr().out
+  shutil.copytree(root, tmp_path / "moved")  # copy2 keeps names, sizes and mtimes
+  moved = builders.BuildSettings(kind="image_folder", image_size=SIZE,
+                                 manual_dir=str(tmp_path / "moved"))
+  original = builders.BuildSettings(kind="image_folder", image_size=SIZE, manual_dir=str(root))
+  assert moved.config_name() == original.config_name()
+  caplog.clear()
+  _build(tmp_path, kind="image_folder", manual_dir=str(tmp_path / "moved"))
+  assert "Preparing" not in caplog.text  # reused, not built again
 
 
 def test_csv_with_wrong_columns(tmp_path):

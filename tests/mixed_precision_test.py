@@ -21,6 +21,7 @@ from diffmic_jax import models as models_lib
 from diffmic_jax import sampler
 from diffmic_jax import sharding
 from diffmic_jax import train
+from diffmic_jax import train_state
 
 # Activations that must follow model.dtype: every Conv and BatchNorm of the trunks, the DCG's
 # saliency conv, rho(x)'s projection and BN0, and the denoiser's three conditional layers.
@@ -35,8 +36,8 @@ def _config(tiny_config, dtype):
 
 
 def _abstract_state(models, cfg):
-  guidance_tx, denoiser_tx, schedule = train.build_optimizers(cfg, steps_per_epoch=4)
-  state = jax.eval_shape(lambda k: train.create_train_state(
+  guidance_tx, denoiser_tx, schedule = train_state.build_optimizers(cfg, steps_per_epoch=4)
+  state = jax.eval_shape(lambda k: train_state.create_train_state(
       models, cfg, guidance_tx, denoiser_tx, k, load_pretrained=False), jax.random.PRNGKey(0))
   steps = train.make_train_steps(models, cfg, guidance_tx, denoiser_tx, schedule, 0)
   return state, steps
@@ -139,11 +140,11 @@ def _train_and_score(tiny_config, dtype, data):
   cfg.guidance.lr = 1e-3
   cfg.training.num_epochs, cfg.optim.warmup_epochs = 10, 1
   models = models_lib.create_models(cfg)
-  guidance_tx, denoiser_tx, schedule = train.build_optimizers(cfg, steps_per_epoch=_STEPS // 10)
+  guidance_tx, denoiser_tx, schedule = train_state.build_optimizers(cfg, steps_per_epoch=_STEPS // 10)
   step = train.make_train_steps(models, cfg, guidance_tx, denoiser_tx, schedule, 0)["joint"]
   mesh = sharding.make_mesh()
   step = train.jit_step(step, mesh)
-  state = train.create_train_state(models, cfg, guidance_tx, denoiser_tx,
+  state = train_state.create_train_state(models, cfg, guidance_tx, denoiser_tx,
                                    jax.random.PRNGKey(cfg.seed), load_pretrained=False)
   state = sharding.replicate(state, mesh)  # placed as the step returns it: one compile.
   rng = np.random.default_rng(0)

@@ -1,6 +1,7 @@
 """Multi-process runs on this CPU (jax.distributed with gloo collectives, started by
 diffmic_jax.launch): the same results as one process with the same number of devices, resume
-after every process is killed, and a failing process stopping the whole run."""
+after every process is killed, a rerun of a finished run, a locked workdir refused by every
+process, and a failing process stopping the whole run."""
 
 import glob
 import json
@@ -18,7 +19,8 @@ from diffmic_jax import checkpointing
 from diffmic_jax import distributed
 from diffmic_jax import launch
 from diffmic_jax import models as models_lib
-from diffmic_jax import train
+from diffmic_jax import train_state
+from diffmic_jax import workdir as workdir_lib
 
 from tests import conftest
 from tests import tensorboard_test
@@ -30,9 +32,10 @@ _LAST_STEP = 18  # (1 warm-up + 2 joint epochs) x 6 steps
 
 
 def _env(**extra):
-  """This environment without forced devices, importing this checkout, plus `extra`."""
+  """This environment without forced devices, importing this checkout first, plus `extra`."""
   env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
-  return {**env, "PYTHONPATH": conftest.REPO, **extra}
+  path = os.pathsep.join(p for p in (conftest.REPO, env.get("PYTHONPATH")) if p)
+  return {**env, "PYTHONPATH": path, **extra}
 
 
 def _launch(workdir, **kwargs):
@@ -54,7 +57,7 @@ def _metric_rows(workdir):
 def _final_state(workdir):
   from configs import test as test_config  # pylint: disable=g-import-not-at-top
   config = test_config.get_config()
-  abstract = train.abstract_train_state(models_lib.create_models(config), config)
+  abstract = train_state.abstract_train_state(models_lib.create_models(config), config)
   checkpointer = checkpointing.Checkpointer(str(workdir))
   try:
     state, _ = checkpointer.restore("latest", _LAST_STEP, abstract)
@@ -125,6 +128,31 @@ def test_two_processes_killed_and_resumed_match_one_process_with_two_devices(
     assert got_cells[:4] == ref_cells[:4]  # id, label, prediction, DCG prediction
     np.testing.assert_allclose(np.float64(got_cells[4:]), np.float64(ref_cells[4:]), atol=2e-6)
 
+  # Rerunning the finished run: every process agrees that the last validation is done (process
+  # 0 decides from metrics.jsonl), nothing is trained or validated again, no row is rewritten.
+  rows = open(tmp_path / "metrics.jsonl").read()
+  proc = _launch(tmp_path)
+  output, _ = proc.communicate(timeout=600)
+  assert proc.returncode == 0, output[-3000:]
+  assert f"Resuming from checkpoint at step {_LAST_STEP} (training finished" in output
+  assert "epoch" not in output.split("Resuming from checkpoint")[1]  # no validation line
+  assert open(tmp_path / "metrics.jsonl").read() == rows
+  assert open(tmp_path / "eval" / "test_predictions.csv").read() == got_csv
+
+
+def test_a_locked_workdir_is_refused_by_every_process(tmp_path):
+  lock = workdir_lib.lock(str(tmp_path))  # a training run of this pid holds the workdir
+  try:
+    proc = _launch(tmp_path)
+    output, _ = proc.communicate(timeout=300)
+  finally:
+    lock.close()
+  assert proc.returncode == 1, output[-3000:]
+  # Process 0 took no lock, and tells process 1, which refuses with the same line.
+  assert output.count(f"error: {tmp_path / '.lock'} is held by pid {os.getpid()}") == 2, output
+  assert "Traceback" not in output
+  assert sorted(os.listdir(tmp_path)) == [".lock"]  # no record written
+
 
 def test_a_failing_process_stops_the_run():
   start = time.monotonic()
@@ -134,7 +162,9 @@ def test_a_failing_process_stops_the_run():
   assert done.returncode == 1, done.stderr[-3000:]
   assert "process 1 fails on purpose" in done.stderr
   assert "error: process 1 (pid" in done.stderr and "exited with status 1" in done.stderr
-  assert time.monotonic() - start < 60  # process 0, blocked in a collective, was stopped
+  # Process 1 exited at once, and process 0, blocked in a collective, was stopped (SIGKILL after
+  # the launcher's 5 s grace). Without either, process 0 waits for gloo's 30 s timeout.
+  assert time.monotonic() - start < 28
 
 
 def test_process_env_gives_each_process_its_index_and_gpus():

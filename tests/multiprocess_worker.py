@@ -12,9 +12,10 @@ from diffmic_jax import distributed
 
 def main():
   distributed.initialize(True)
-  if jax.process_index() == 1:
-    raise RuntimeError("process 1 fails on purpose")
-  multihost_utils.sync_global_devices("waits for process 1, which never comes")
+  with distributed.exit_at_once_on_error():  # as diffmic_jax.main runs every process
+    if jax.process_index() == 1:
+      raise RuntimeError("process 1 fails on purpose")
+    multihost_utils.sync_global_devices("waits for process 1, which never comes")
 
 
 if __name__ == "__main__":

@@ -283,7 +283,7 @@ def test_load_configured_fills_both_dcg_trunks_and_encoder(tmp_path):
   # The rest is untouched.
   np.testing.assert_array_equal(np.asarray(loaded["guidance"]["params"]["saliency"]["kernel"]),
                                 np.asarray(variables["guidance"]["params"]["saliency"]["kernel"]))
-  # Works under eval_shape too (train.abstract_train_state traces create_train_state).
+  # Works under eval_shape too (train_state.abstract_train_state traces create_train_state).
   abstract = jax.eval_shape(lambda v: pretrained.load_configured(v, cfg), variables)
   assert jax.tree.structure(abstract) == jax.tree.structure(loaded)
 
@@ -459,9 +459,9 @@ def _official_files(tmp_path, model, dcg, ema=None, step=123):
 
 def _abstract_state(cfg):
   """The abstract TrainState that `--mode eval` restores into."""
-  from diffmic_jax import train  # pylint: disable=g-import-not-at-top
+  from diffmic_jax import train_state  # pylint: disable=g-import-not-at-top
   models = models_lib.create_models(cfg)
-  return models, train.abstract_train_state(models, cfg)
+  return models, train_state.abstract_train_state(models, cfg)
 
 
 def _restore(cfg, workdir, kind="best"):

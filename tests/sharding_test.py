@@ -36,6 +36,7 @@ def _child(out_path: str) -> None:
   from diffmic_jax import models as models_lib
   from diffmic_jax import sharding
   from diffmic_jax import train
+  from diffmic_jax import train_state
   # pylint: enable=g-import-not-at-top
 
   cfg = test_config.get_config()
@@ -45,10 +46,10 @@ def _child(out_path: str) -> None:
   # the data-parallel arithmetic instead of Adam's sign of noise.
   cfg.guidance.eps = cfg.optim.eps = 1e-4
   models = models_lib.create_models(cfg)
-  guidance_tx, denoiser_tx, schedule = train.build_optimizers(cfg, steps_per_epoch=4)
+  guidance_tx, denoiser_tx, schedule = train_state.build_optimizers(cfg, steps_per_epoch=4)
   steps = train.make_train_steps(models, cfg, guidance_tx, denoiser_tx, schedule, joint_start=2)
   mesh = sharding.make_mesh()
-  state = train.create_train_state(models, cfg, guidance_tx, denoiser_tx,
+  state = train_state.create_train_state(models, cfg, guidance_tx, denoiser_tx,
                                    jax.random.PRNGKey(cfg.seed), load_pretrained=False)
   state = sharding.replicate(state, mesh)
   fns = {name: train.jit_step(steps[name], mesh) for name in set(STAGES)}

@@ -25,7 +25,7 @@ def test_parameter_counts_of_a_tiny_model_match_a_hand_count(tiny_config):
       "denoiser/time_embeddings": 3 * EMBED}
   flops = out["flops_per_image"]
   assert min(flops["guidance_forward"], flops["rho_x"], flops["denoiser_step"]) > 0
-  assert flops["inference_sampler_steps"] == config.diffusion.test_timesteps
+  assert flops["inference_sampler_steps"] == config.diffusion.test_steps
   assert flops["inference"] == (flops["guidance_forward"] + flops["rho_x"]
                                 + flops["inference_sampler_steps"] * flops["denoiser_step"])
   json.dumps(out)  # what --mode summary prints

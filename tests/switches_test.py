@@ -12,6 +12,7 @@ from diffmic_jax import layers
 from diffmic_jax import losses
 from diffmic_jax import models
 from diffmic_jax import train
+from diffmic_jax import train_state
 
 
 def _bundle(tiny_config, **overrides):
@@ -185,8 +186,8 @@ def test_mmd_kernel_switch_reaches_the_objective(tiny_config, kernel, scales):
 @pytest.mark.parametrize("terms", ["fused", "all"])
 def test_guidance_loss_switch_in_the_warmup_step(tiny_config, terms):
   config, bundle, variables = _bundle(tiny_config, guidance__loss=terms)
-  gtx, dtx, schedule = train.build_optimizers(config, 6)
-  state = train.create_train_state(bundle, config, gtx, dtx, jax.random.PRNGKey(0),
+  gtx, dtx, schedule = train_state.build_optimizers(config, 6)
+  state = train_state.create_train_state(bundle, config, gtx, dtx, jax.random.PRNGKey(0),
                                    load_pretrained=False)
   batch = {"image": _images(4), "label": jnp.array([0, 1, 2, 3])}
   (logits, _), _ = bundle.guidance.apply(state.guidance, batch["image"], train=True,

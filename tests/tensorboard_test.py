@@ -14,19 +14,29 @@ from tensorboardX.proto import event_pb2
 from diffmic_jax import tensorboard
 
 
-def read_events(logdir: str) -> tuple[dict, dict]:
-  """({tag: {step: value}} scalars, {tag: {step: uint8 [H, W, 3]}} images) of every event file.
+def _file_events(path: str) -> list:
+  """The Event protos of one file. TFRecord framing: uint64 length, uint32 CRC of the length,
+  the Event proto, uint32 CRC."""
+  data = open(path, "rb").read()
+  events, offset = [], 0
+  while offset < len(data):
+    (length,) = struct.unpack("<Q", data[offset:offset + 8])
+    events.append(event_pb2.Event.FromString(data[offset + 12:offset + 12 + length]))
+    offset += 12 + length + 4
+  return events
 
-  TFRecord framing: uint64 length, uint32 CRC of the length, the Event proto, uint32 CRC.
-  """
+
+def read_events(logdir: str) -> tuple[dict, dict]:
+  """({tag: {step: value}} scalars, {tag: {step: uint8 [H, W, 3]}} images) of every event file,
+  as TensorBoard shows them: files in name order (the order they were opened), and a session
+  start at step T (a resumed run's `purge_step`) hiding the earlier events at steps >= T."""
   scalars, images = {}, {}
   for path in sorted(glob.glob(os.path.join(logdir, "events.out.tfevents.*"))):
-    data = open(path, "rb").read()
-    offset = 0
-    while offset < len(data):
-      (length,) = struct.unpack("<Q", data[offset:offset + 8])
-      event = event_pb2.Event.FromString(data[offset + 12:offset + 12 + length])
-      offset += 12 + length + 4
+    for event in _file_events(path):
+      if event.HasField("session_log") and event.session_log.status == event.session_log.START:
+        for values in (*scalars.values(), *images.values()):
+          for step in [s for s in values if s >= event.step]:
+            del values[step]
       for value in event.summary.value:
         if value.HasField("image"):
           pixels = np.asarray(Image.open(io.BytesIO(value.image.encoded_image_string)))
@@ -68,6 +78,28 @@ def test_metrics_log_writes_jsonl_and_events(tmp_path):
   (image,) = images["val/confusion_matrix"].values()
   assert image.ndim == 3 and image.shape[2] == 3 and image.shape[0] > 100
   assert image.min() < 100 and image.max() > 200  # a drawn matrix, not a blank picture
+
+
+def test_flushed_rows_are_on_disk_before_the_log_closes(tmp_path):
+  """A run killed after a flush (checkpoints follow one) keeps its events, as metrics.jsonl."""
+  log = tensorboard.MetricsLog(str(tmp_path))
+  log.write("".join(json.dumps({"step": s, "loss": float(s)}) + "\n" for s in range(3)))
+  log.flush()
+  scalars, _ = read_events(str(tmp_path / "tensorboard"))
+  log.close()
+  assert scalars["train/loss"] == {0: 0.0, 1: 1.0, 2: 2.0}
+
+
+def test_a_resumed_log_hides_the_replayed_steps(tmp_path):
+  with tensorboard.MetricsLog(str(tmp_path)) as log:
+    log.write("".join(json.dumps({"step": s, "loss": float(s)}) + "\n" for s in range(6)))
+    log.validation(4, "val", _RESULTS, ("benign", "malignant"))
+  # Resumed from the checkpoint at step 4: the validation at step 4 is done, steps 4.. replay.
+  with tensorboard.MetricsLog(str(tmp_path), purge_step=5) as log:
+    log.write(json.dumps({"step": 4, "loss": 40.0}) + "\n")
+  scalars, _ = read_events(str(tmp_path / "tensorboard"))
+  assert scalars["train/loss"] == {0: 0.0, 1: 1.0, 2: 2.0, 3: 3.0, 4: 40.0}  # no step 5
+  assert scalars["val/diffusion/accuracy"] == {4: 0.75}
 
 
 def test_evaluation_images_are_the_pngs(tmp_path):

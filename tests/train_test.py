@@ -14,8 +14,10 @@ import pytest
 
 from diffmic_jax import checkpointing
 from diffmic_jax import evaluate
+from diffmic_jax import run as run_lib
 from diffmic_jax import sampler
 from diffmic_jax import train
+from diffmic_jax import train_state
 
 from tests import conftest
 
@@ -44,12 +46,13 @@ def test_train_writes_metrics_checkpoints_and_reports(trained, tiny_config):
   steps = checkpointing.Checkpointer(workdir).all_steps()
   assert max(steps) == 18  # (1 warm-up + 2 joint epochs) x 6 steps
   # Restoring the best checkpoint reproduces the final test metrics exactly.
-  again = train.evaluate_checkpoint(tiny_config(), workdir, split="test", checkpoint="best")
+  again = evaluate.evaluate_checkpoint(tiny_config(), workdir, split="test", checkpoint="best")
   assert again["diffusion"] == results["diffusion"]
   rows = open(os.path.join(workdir, "eval", "test_predictions.csv")).read().splitlines()
   assert len(rows) == 1 + results["diffusion"]["num_examples"]
   assert rows[0].startswith("id,label,prediction,dcg_fused_prediction,p_")
-  latest = train.evaluate_checkpoint(tiny_config(), workdir, split="val", checkpoint="18")
+  with pytest.warns(DeprecationWarning, match="use evaluate.evaluate_checkpoint"):
+    latest = train.evaluate_checkpoint(tiny_config(), workdir, split="val", checkpoint="18")
   split = json.load(open(os.path.join(workdir, "split.json")))
   assert latest["diffusion"]["num_examples"] == len(split["val"])
 
@@ -83,28 +86,31 @@ def test_restore_is_strict_about_the_model_structure(trained, tiny_config):
   config = tiny_config()
   config.model.feature_dim = 16
   with pytest.raises(ValueError, match="has shape .* the config expects"):
-    train.load_variables(config, workdir, checkpoint="best")
+    evaluate.load_variables(config, workdir, checkpoint="best")
   config = tiny_config()
   config.ablation = "basic"
   with pytest.raises(ValueError, match="missing .*unexpected"):
-    train.load_variables(config, workdir, checkpoint="best")
+    evaluate.load_variables(config, workdir, checkpoint="best")
 
 
 def test_load_variables_for_the_library_sampler(trained, tiny_config):
   workdir, _ = trained
-  bundle, variables = train.load_variables(tiny_config(), workdir, checkpoint="best")
+  bundle, variables = evaluate.load_variables(tiny_config(), workdir, checkpoint="best")
   out = sampler.make_sample_fn(bundle, "official_truncated", 5)(
       variables, np.zeros((2, 32, 32, 3), np.float32), jax.random.PRNGKey(0))
   assert out["probs"].shape == (2, 4) and out["entropy"].shape == (2,)
+  with pytest.warns(DeprecationWarning, match="use evaluate.load_variables"):
+    _, old = train.load_variables(tiny_config(), workdir, checkpoint="best")
+  jax.tree.map(np.testing.assert_array_equal, old, variables)
   with pytest.raises(FileNotFoundError, match="no latest checkpoint at step 7"):
-    train.load_variables(tiny_config(), workdir, checkpoint="7")
+    evaluate.load_variables(tiny_config(), workdir, checkpoint="7")
 
 
 def test_eval_with_ema_uses_the_ema_parameters(trained, tiny_config):
   workdir, _ = trained
-  run = train._prepare(tiny_config(), workdir)
+  run = run_lib.prepare(tiny_config(), workdir)
   state, _ = run.checkpointer.restore("latest", None,
-                                      train.abstract_train_state(run.models, run.config))
+                                      train_state.abstract_train_state(run.models, run.config))
   raw = {"guidance": state.guidance, "denoiser": state.denoiser}
   with_ema = evaluate.eval_variables(raw, state.ema, True)
   assert with_ema["denoiser"]["params"] is state.ema
@@ -132,24 +138,42 @@ def _main(*args, timeout=600):
 ])
 def test_bad_config_value_exits_nonzero_naming_the_field(tmp_path, override, field):
   proc = _main("--config", "configs/test.py", "--workdir", str(tmp_path), override, timeout=120)
-  assert proc.returncode != 0
-  assert field in proc.stderr
+  assert proc.returncode == 1
+  assert field in proc.stderr and "Traceback" not in proc.stderr
 
 
-def test_kill_9_then_rerun_resumes(tmp_path):
-  args = ["--config", "configs/test.py", "--workdir", str(tmp_path)]
+def _run_until(args, path, deadline_s=400):
+  """Starts a training CLI run and kill -9s it as soon as `path` exists; asserts that the child
+  was alive and mid-training (no test report yet) at the kill."""
   env = {**os.environ, "PYTHONPATH": conftest.REPO}
   proc = subprocess.Popen([sys.executable, "-m", "diffmic_jax.main", *args], cwd=conftest.REPO,
                           env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-  ckpts = tmp_path / "checkpoints"
-  deadline = time.time() + 400
-  while time.time() < deadline and proc.poll() is None:
-    if ckpts.exists() and any(p.name.isdigit() for p in ckpts.iterdir()):
-      break
-    time.sleep(0.2)
+  deadline = time.time() + deadline_s
+  while time.time() < deadline and proc.poll() is None and not path.exists():
+    time.sleep(0.02)
+  alive = proc.poll() is None
   proc.send_signal(signal.SIGKILL)
   proc.wait()
+  assert alive and path.exists(), f"the run ended (rc {proc.returncode}) before {path} appeared"
+  assert not (path.parents[1] / "eval" / "test_metrics.json").exists()
+
+
+def test_kill_9_between_latest_and_best_saves_then_rerun_is_exact(trained, tmp_path):
+  """kill -9 right after the latest checkpoint of a validation step (before or during its
+  validation and best save), then right after the best save (before the next latest save);
+  the rerun ends with exactly the uninterrupted run's test metrics."""
+  _, results = trained
+  args = ["--config", "configs/test.py", "--workdir", str(tmp_path)]
+  _run_until(args, tmp_path / "checkpoints" / "12")
+  best = tmp_path / "checkpoints_best" / "12"
+  # Usually the kill came before the best save; if not, kill the rerun at its next save.
+  _run_until(args, best if not best.exists() else tmp_path / "checkpoints" / "16")
   done = _main(*args)
   assert done.returncode == 0, done.stderr[-2000:]
-  assert "Resuming from checkpoint at step" in done.stdout
-  assert (tmp_path / "eval" / "test_metrics.json").exists()
+  assert "Resuming from checkpoint at step" in done.stderr  # absl logging
+  assert "test metrics (checkpoint" in done.stdout  # the results table
+  report = json.load(open(tmp_path / "eval" / "test_metrics.json"))
+  assert report["heads"] == json.loads(json.dumps(results))
+  rows = [json.loads(line) for line in open(tmp_path / "metrics.jsonl")]
+  assert [r["step"] for r in rows if "split" not in r] == list(range(18))
+  assert [r["step"] for r in rows if "split" in r] == [12, 18]

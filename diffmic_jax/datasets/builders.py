@@ -15,8 +15,10 @@ as complete; a failed build is simply rebuilt on the next call.
 
 import abc
 import concurrent.futures
+import contextlib
 import dataclasses
 import hashlib
+import io
 import json
 import logging
 import os
@@ -62,26 +64,41 @@ class BuildSettings:
   skip_bad_images: bool = False
 
   def config_name(self) -> str:
-    """`s<S>_<12 hex>`: the TFDS builder config name for these settings and raw files."""
+    """`s<S>_<12 hex>`: the TFDS builder config name for these settings and raw files.
+
+    Keyed on the files' content (names, sizes, mtimes), not on where they are: the same data
+    under another path (a copy that keeps mtimes, `cp -a` or `rsync -a`) reuses the build.
+    """
     content = {**dataclasses.asdict(self), "format": FORMAT, "version": VERSION}
+    paths = {field: content.pop(field) for field in _PATH_FIELDS}
     digest = hashlib.sha1(json.dumps(content, sort_keys=True).encode())
-    for path in (self.manual_dir, self.manifest_file, self.train_pickle, self.test_pickle):
-      if path:
-        digest.update(_fingerprint(path).encode())
+    for field in _PATH_FIELDS:
+      if paths[field]:
+        digest.update(f"{field}\n{_fingerprint(paths[field])}".encode("utf-8", "surrogateescape"))
     return f"s{self.image_size}_{digest.hexdigest()[:12]}"
 
 
+_PATH_FIELDS = ("manual_dir", "manifest_file", "train_pickle", "test_pickle")
+
+
+def _stat(path: str) -> str:
+  try:
+    stat = os.lstat(path)  # lstat: a broken symlink is listed, not an error here
+  except OSError:
+    return "missing"
+  return f"{stat.st_size}|{stat.st_mtime_ns}"
+
+
 def _fingerprint(path: str) -> str:
-  """Cheap content fingerprint: sorted (relative path, size, mtime) of every file under path."""
-  if os.path.isfile(path):
-    stat = os.stat(path)
-    return f"{path}|{stat.st_size}|{stat.st_mtime_ns}"
+  """Cheap content fingerprint of a file (its name, size, mtime) or of a folder (sorted
+  relative path, size, mtime of every file under it); the folder's own location is left out."""
+  if not os.path.isdir(path):
+    return f"{os.path.basename(path)}|{_stat(path)}"
   entries = []
   for dirpath, _, filenames in os.walk(path):
     for name in filenames:
       full = os.path.join(dirpath, name)
-      stat = os.stat(full)
-      entries.append(f"{os.path.relpath(full, path)}|{stat.st_size}|{stat.st_mtime_ns}")
+      entries.append(f"{os.path.relpath(full, path)}|{_stat(full)}")
   return "\n".join(sorted(entries))
 
 
@@ -157,6 +174,16 @@ class _DiffmicBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
                             "group": record.group, "split": record.split,
                             "content_hash": digest, "thumbnail": thumb}
 
+
+class _NoCustomConfigWarning(logging.Filter):
+  """Drops TFDS's "Using custom data configuration" warning: our builders always use one (the
+  config name is the content key), so the warning would print on every run."""
+
+  def filter(self, record: logging.LogRecord) -> bool:
+    return not str(record.msg).startswith("Using custom data configuration")
+
+
+logging.getLogger("absl").addFilter(_NoCustomConfigWarning())
 
 _MANUAL = "Builders never download: pass the folder holding the files as data.manual_dir."
 
@@ -252,7 +279,7 @@ def builder_dir(settings: BuildSettings, data_dir: str) -> str:
                       settings.config_name(), VERSION)
 
 
-def _check_kind(kind: str) -> None:
+def check_kind(kind: str) -> None:
   if kind not in BUILDERS:
     raise ValueError(f"unknown dataset data.name={kind!r}; valid: {sorted(BUILDERS)} "
                      "(and 'demo')")
@@ -271,18 +298,34 @@ def prepare(settings: BuildSettings, data_dir: str = "") -> tfds.core.DatasetBui
   Raises:
     layouts.BadInputError, images.BadImageError: bad input (unless skip_bad_images).
   """
-  _check_kind(settings.kind)
+  check_kind(settings.kind)
   data_dir = data_dir or default_data_dir()
   path = builder_dir(settings, data_dir)
   if not os.path.isfile(os.path.join(path, "dataset_info.json")):
     builder = BUILDERS[settings.kind](settings=settings, data_dir=data_dir,
                                       file_format="array_record")
-    logging.info("Building %s at %s", settings.kind, path)
-    builder.download_and_prepare(
-        file_format="array_record",
-        download_config=tfds.download.DownloadConfig(manual_dir=settings.manual_dir or None))
+    source = settings.manual_dir or settings.manifest_file or settings.train_pickle
+    logging.info("Preparing the %s dataset from %s into %s (once; later runs with the same "
+                 "files reuse it)...", settings.kind, source, path)
+    # TFDS prints "Downloading and preparing dataset Unknown size ..." and its own bars though
+    # nothing is downloaded; our line above says what happens instead.
+    with contextlib.redirect_stdout(io.StringIO()), _tfds_quiet():
+      builder.download_and_prepare(
+          file_format="array_record",
+          download_config=tfds.download.DownloadConfig(manual_dir=settings.manual_dir or None))
     _write_report(builder, path)
+    logging.info("Prepared %d examples.", builder.num_written)
   return tfds.builder_from_directory(path)
+
+
+@contextlib.contextmanager
+def _tfds_quiet():
+  """Switches TFDS's progress bars off for the duration of a build."""
+  tfds.disable_progress_bar()
+  try:
+    yield
+  finally:
+    tfds.enable_progress_bar()
 
 
 def _write_report(builder: _DiffmicBuilder, path: str) -> None:

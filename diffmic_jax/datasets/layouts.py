@@ -15,8 +15,10 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from diffmic_jax import errors
 from diffmic_jax.datasets import images
 from diffmic_jax.datasets import official_pickle
+from diffmic_jax.datasets import splits as splits_lib
 
 HAM_LABEL_ORDERS = {
     # Column order of ISIC2018_Task3_Training_GroundTruth.csv, used by the official code.
@@ -32,11 +34,23 @@ HAM_IMAGE_DIRS = ("HAM10000_images_part_1", "HAM10000_images_part_2", "images",
 APTOS_CLASS_NAMES = ("no_dr", "mild", "moderate", "severe", "proliferative_dr")
 APTOS_IMAGE_DIRS = ("train_images", "train")
 APTOS_EXTENSIONS = (".png", ".jpg", ".jpeg")
-SPLIT_NAMES = ("train", "val", "test")
 
 
-class BadInputError(ValueError):
+class BadInputError(errors.UserError):
   """The raw data cannot be read as the layout expects; the message names the file."""
+
+
+def printable(path: str) -> str:
+  """A file name as text: bytes that are not UTF-8 (kept by Python as surrogates) become \ufffd."""
+  return str(path).encode("utf-8", "surrogateescape").decode("utf-8", "replace")
+
+
+def is_utf8(name: str) -> bool:
+  try:
+    name.encode("utf-8")
+  except UnicodeEncodeError:
+    return False
+  return True
 
 
 @dataclasses.dataclass(frozen=True)
@@ -72,8 +86,8 @@ class Problems:
 
   def report(self, name: str, problem: str) -> None:
     if not self.skip:
-      raise BadInputError(f"{name}: {problem}")
-    self.items.append({"file": str(name), "problem": problem})
+      raise BadInputError(f"{printable(name)}: {problem}")
+    self.items.append({"file": printable(name), "problem": problem})
 
 
 def read_csv(path: str, required: Sequence[str]) -> list[dict[str, str]]:
@@ -84,15 +98,36 @@ def read_csv(path: str, required: Sequence[str]) -> list[dict[str, str]]:
   """
   if not os.path.isfile(path):
     raise BadInputError(f"{path}: CSV file not found")
-  with open(path, newline="", encoding="utf-8-sig") as f:
-    reader = csv.DictReader(f)
-    columns = [c.strip() for c in (reader.fieldnames or [])]
-    missing = [c for c in required if c not in columns]
-    if missing:
-      raise BadInputError(f"{path}: wrong columns {columns}; expected at least {list(required)} "
-                          f"(missing {missing})")
-    return [{k.strip(): (v or "").strip() for k, v in row.items() if k is not None}
-            for row in reader]
+  try:
+    with open(path, newline="", encoding="utf-8-sig") as f:
+      reader = csv.DictReader(f)
+      columns = [c.strip() for c in (reader.fieldnames or [])]
+      missing = [c for c in required if c not in columns]
+      if missing:
+        raise BadInputError(f"{path}: wrong columns {columns}; expected at least "
+                            f"{list(required)} (missing {missing})")
+      return [{k.strip(): (v or "").strip() for k, v in row.items() if k is not None}
+              for row in reader]
+  except UnicodeDecodeError as e:
+    raise BadInputError(f"{path}: not UTF-8 text (byte {e.object[e.start:e.start + 1]!r} at "
+                        f"offset {e.start}); expected a UTF-8 CSV (re-save it as UTF-8)") from e
+  except csv.Error as e:
+    raise BadInputError(f"{path}: not a readable CSV ({e})") from e
+
+
+def _unique_rows(rows, key: str, csv_path: str, problems: "Problems"):
+  """Yields the rows whose `key` was not seen before; a repeated id is a problem (reported with
+  its row number; skipped, keeping the first row, with skip_bad_images)."""
+  first_row = {}
+  for i, row in enumerate(rows):
+    value = row[key]
+    if value in first_row:
+      problems.report(f"{csv_path} (row {i + 2}, {key}={value})",
+                      f"duplicate {key}, first listed in row {first_row[value]}; expected "
+                      "each id once")
+      continue
+    first_row[value] = i + 2
+    yield row
 
 
 def index_images(folders: Sequence[str], extensions: Sequence[str] = images.IMAGE_EXTENSIONS
@@ -126,7 +161,8 @@ def _ham_rows(root: str, class_names: Sequence[str], problems: Problems):
   metadata = os.path.join(root, HAM_METADATA_CSV)
   ground_truth = os.path.join(root, ISIC_GROUND_TRUTH_CSV)
   if os.path.isfile(metadata):
-    for row in read_csv(metadata, ("lesion_id", "image_id", "dx")):
+    rows = read_csv(metadata, ("lesion_id", "image_id", "dx"))
+    for row in _unique_rows(rows, "image_id", metadata, problems):
       dx = row["dx"].upper()
       if dx not in class_names:
         problems.report(f"{metadata} ({row['image_id']})",
@@ -135,8 +171,12 @@ def _ham_rows(root: str, class_names: Sequence[str], problems: Problems):
       yield row["image_id"], class_names.index(dx), row["lesion_id"]
   elif os.path.isfile(ground_truth):
     groups = _ham_groups(root)
-    for row in read_csv(ground_truth, ("image",) + tuple(class_names)):
-      hot = [c for c in class_names if float(row[c] or 0) == 1.0]
+    rows = read_csv(ground_truth, ("image",) + tuple(class_names))
+    for row in _unique_rows(rows, "image", ground_truth, problems):
+      try:
+        hot = [c for c in class_names if float(row[c] or 0) == 1.0]
+      except ValueError:
+        hot = [row[c] for c in class_names]
       if len(hot) != 1:
         problems.report(f"{ground_truth} ({row['image']})",
                         f"unknown label: expected exactly one 1 in {list(class_names)}, got {hot}")
@@ -168,7 +208,8 @@ def list_aptos2019(root: str, problems: Problems) -> Listing:
   csv_path = os.path.join(root, "train.csv")
   files = index_images([os.path.join(root, d) for d in APTOS_IMAGE_DIRS], APTOS_EXTENSIONS)
   records = []
-  for row in read_csv(csv_path, ("id_code", "diagnosis")):
+  rows = read_csv(csv_path, ("id_code", "diagnosis"))
+  for row in _unique_rows(rows, "id_code", csv_path, problems):
     id_code, diagnosis = row["id_code"], row["diagnosis"]
     if not (diagnosis.isdigit() and int(diagnosis) < len(APTOS_CLASS_NAMES)):
       problems.report(f"{csv_path} ({id_code})",
@@ -194,6 +235,10 @@ def list_image_folder(root: str, class_names: Sequence[str], problems: Problems)
     raise BadInputError(f"{root}: image folder not found")
   folders = sorted(d for d in os.listdir(root)
                    if os.path.isdir(os.path.join(root, d)) and not d.startswith("."))
+  for folder in [d for d in folders if not is_utf8(d)]:
+    problems.report(os.path.join(root, folder), "class folder name is not valid UTF-8; "
+                    "expected UTF-8 names (rename the folder)")
+    folders.remove(folder)
   if not folders:
     raise BadInputError(f"{root}: no class sub-folders; expected <root>/<class>/<image>")
   for folder in folders:
@@ -202,7 +247,15 @@ def list_image_folder(root: str, class_names: Sequence[str], problems: Problems)
                       f"unknown label {folder!r}; data.class_names is {list(class_names)}")
   per_class = {}
   for name in _resolve_class_names(folders, class_names):
-    files = _walk_images(os.path.join(root, name))
+    files = []
+    for path in _walk_images(os.path.join(root, name)):
+      if not is_utf8(path):  # TFDS stores ids as UTF-8 text
+        problems.report(path, "file name is not valid UTF-8; expected UTF-8 file names "
+                        "(rename the file)")
+      elif not os.path.isfile(path):
+        problems.report(path, "broken link or not a regular file")
+      else:
+        files.append(path)
     if not files:
       problems.report(os.path.join(root, name), "empty class: no image files")
       continue
@@ -236,15 +289,16 @@ def list_manifest(manifest: str, root: str, class_names: Sequence[str],
     if row["label"] not in names:
       problems.report(where, f"unknown label {row['label']!r}; expected one of {list(names)}")
       continue
-    if split not in SPLIT_NAMES + ("",):
-      problems.report(where, f"unknown split {split!r}; expected one of {list(SPLIT_NAMES)}")
+    if split not in splits_lib.SPLIT_NAMES + ("",):
+      problems.report(where, f"unknown split {split!r}; expected one of {list(splits_lib.SPLIT_NAMES)}")
       continue
     path = os.path.join(base, row["path"])
     if not os.path.isfile(path):
       problems.report(where, f"image {path} not found")
       continue
     if row["path"] in seen:
-      raise BadInputError(f"{where}: path listed twice")
+      problems.report(where, "path listed twice; expected each image once")
+      continue
     seen.add(row["path"])
     records.append(Record(row["path"], path, names.index(row["label"]), row.get("group", ""),
                           split))
@@ -302,10 +356,10 @@ def list_medmnist(path: str, class_names: Sequence[str]) -> Listing:
   with np.load(npz_path, allow_pickle=False) as data:
     arrays = {k: data[k] for k in data.files}
   records = []
-  for split in SPLIT_NAMES:
+  for split in splits_lib.SPLIT_NAMES:
     if f"{split}_images" not in arrays or f"{split}_labels" not in arrays:
       raise BadInputError(f"{npz_path}: keys {sorted(arrays)}; expected "
-                          f"{split}_images and {split}_labels for each of {list(SPLIT_NAMES)}")
+                          f"{split}_images and {split}_labels for each of {list(splits_lib.SPLIT_NAMES)}")
     labels = arrays[f"{split}_labels"]
     if labels.ndim == 2 and labels.shape[1] == 1:
       labels = labels[:, 0]

@@ -10,8 +10,10 @@ import os
 import pickle
 from typing import Any
 
+from diffmic_jax import errors
 
-class UnsafePickleError(pickle.UnpicklingError):
+
+class UnsafePickleError(pickle.UnpicklingError, errors.UserError):
   """The pickle references a class or function (it could run code when loaded)."""
 
 

@@ -11,7 +11,7 @@ from typing import Sequence
 
 import numpy as np
 
-SPLIT_NAMES = ("train", "val", "test")
+SPLIT_NAMES = ("train", "val", "test")  # the one list of split names
 
 
 def _pick_prefix(sizes: np.ndarray, target: float) -> int:

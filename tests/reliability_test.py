@@ -1,0 +1,346 @@
+"""Reliability: resume from any interruption, the workdir's records, the lock, config changes,
+bad inputs answered with one line, and diverged predictions that never crash a run."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from diffmic_jax import checkpointing
+from diffmic_jax import errors
+from diffmic_jax import evaluate
+from diffmic_jax import metrics
+from diffmic_jax import run as run_lib
+from diffmic_jax import train
+from diffmic_jax import workdir as workdir_lib
+
+from tests import conftest
+
+# Every user error the CLI tests provoke; test_no_traceback_in_user_errors scans them all.
+USER_ERROR_OUTPUTS = []
+
+
+def _main(*args, timeout=300):
+  env = {**os.environ, "PYTHONPATH": conftest.REPO}
+  proc = subprocess.run([sys.executable, "-m", "diffmic_jax.main", *args], cwd=conftest.REPO,
+                        env=env, capture_output=True, text=True, timeout=timeout)
+  if proc.returncode == 1:
+    USER_ERROR_OUTPUTS.append((args, proc.stdout + proc.stderr))
+  return proc
+
+
+def _rows(workdir):
+  with open(os.path.join(workdir, "metrics.jsonl")) as f:
+    return [json.loads(line) for line in f]
+
+
+def _assert_one_row_per_step(workdir, last_step=18):
+  rows = _rows(workdir)
+  train_steps = [r["step"] for r in rows if "split" not in r]
+  assert train_steps == list(range(last_step))
+  val_steps = [r["step"] for r in rows if "split" in r]
+  assert val_steps == [12, 18]
+
+
+@pytest.fixture(scope="module")
+def reference(tiny_config, tmp_path_factory):
+  """An uninterrupted run keeping every checkpoint (steps 4, 6, 8, 12, 16, 18)."""
+  workdir = str(tmp_path_factory.mktemp("reference"))
+  config = tiny_config()
+  config.training.keep_checkpoints = 10
+  results = train.train_and_evaluate(config, workdir)
+  return workdir, results
+
+
+def _fresh_copy(reference, tmp_path):
+  workdir = str(tmp_path / "run")
+  shutil.copytree(reference[0], workdir)
+  return workdir
+
+
+def test_stuck_resume_best_ahead_of_latest(reference, tiny_config, tmp_path):
+  """The issue's reproduction: best checkpoints exist after the latest one (a kill between the
+  two managers' saves); the rerun must neither stop nor change the final metrics."""
+  workdir = _fresh_copy(reference, tmp_path)
+  config = tiny_config()
+  config.training.keep_checkpoints = 10
+  assert checkpointing.Checkpointer(workdir, 10).all_steps() == [4, 6, 8, 12, 16, 18]
+  for step in (12, 16, 18):
+    shutil.rmtree(os.path.join(workdir, "checkpoints", str(step)))
+  resumed = train.train_and_evaluate(config, workdir)
+  assert resumed == reference[1]
+  _assert_one_row_per_step(workdir)
+  # Killed after the latest save of a validation step, before its validation finished: the
+  # rerun resumes at 12 and validates it again (the best checkpoint at 12 may already exist).
+  for step in (16, 18):
+    shutil.rmtree(os.path.join(workdir, "checkpoints", str(step)))
+  rows = [r for r in _rows(workdir) if not ("split" in r and r["step"] >= 12)]
+  workdir_lib.write_text(os.path.join(workdir, "metrics.jsonl"),
+                         "".join(json.dumps(r) + "\n" for r in rows))
+  resumed = train.train_and_evaluate(config, workdir)
+  assert resumed == reference[1]
+  _assert_one_row_per_step(workdir)
+  ckpt = checkpointing.Checkpointer(workdir, 10)
+  assert ckpt.all_steps("best") == checkpointing.Checkpointer(reference[0]).all_steps("best")
+
+
+def _snapshot(workdir, names=("config.json", "split.json", "metrics.jsonl")):
+  return {name: open(os.path.join(workdir, name), "rb").read() for name in names}
+
+
+def test_refused_resume_leaves_the_records_untouched(reference, tiny_config, tmp_path):
+  workdir = _fresh_copy(reference, tmp_path)
+  before = _snapshot(workdir)
+  config = tiny_config()
+  config.training.keep_checkpoints = 10
+  config.optim.lr = 5e-4
+  config.ablation = "c2"
+  config.training.log_every_steps = 3  # safe: listed as accepted, not refused
+  with pytest.raises(errors.UserError) as refused:
+    train.train_and_evaluate(config, workdir)
+  message = str(refused.value)
+  assert "ablation ('full' -> 'c2')" in message and "optim.lr (0.001 -> 0.0005)" in message
+  assert "safe changes: training.log_every_steps (2 -> 3)" in message
+  assert "allow_config_change" in message and "\n" not in message
+  assert _snapshot(workdir) == before
+  assert not os.path.exists(os.path.join(workdir, "config_changes.jsonl"))
+  # Safe changes only: accepted and listed; an override is accepted and recorded.
+  config = tiny_config()
+  config.training.keep_checkpoints = 10
+  config.training.eval_every_epochs = 2
+  assert workdir_lib.check_resume_config(config, workdir)["accepted"] == [
+      "training.eval_every_epochs (1 -> 2)"]
+  config.seed = 7
+  config.training.allow_config_change = True
+  changes = workdir_lib.check_resume_config(config, workdir)
+  assert changes["overridden"] == ["seed (0 -> 7)"]
+  workdir_lib.write_records(config, workdir, changes)
+  recorded = [json.loads(line) for line in open(os.path.join(workdir, "config_changes.jsonl"))]
+  assert recorded[0]["overridden"] == ["seed (0 -> 7)"]
+  assert json.load(open(os.path.join(workdir, "config.json")))["seed"] == 7
+
+
+def test_eval_with_a_foreign_split_file_never_writes_split_json(reference, tiny_config,
+                                                               tmp_path):
+  workdir = _fresh_copy(reference, tmp_path)
+  before = _snapshot(workdir)
+  saved = json.load(open(os.path.join(workdir, "split.json")))
+  foreign = {"train": saved["train"] + saved["val"][:4], "val": saved["val"][4:],
+             "test": saved["test"]}
+  path = tmp_path / "foreign.json"
+  path.write_text(json.dumps(foreign))
+  config = tiny_config()
+  config.data.split_file = str(path)
+  evaluate.evaluate_checkpoint(config, workdir, split="val", checkpoint="best")
+  assert _snapshot(workdir) == before
+  report = json.load(open(os.path.join(workdir, "eval", "val_metrics.json")))
+  assert report["heads"]["diffusion"]["num_examples"] == len(foreign["val"])
+
+
+def test_workdir_lock_is_exclusive_and_a_dead_holder_is_taken_over(tmp_path):
+  held = workdir_lib.lock(str(tmp_path))
+  try:
+    with pytest.raises(errors.UserError, match=f"lock is held by pid {os.getpid()}"):
+      workdir_lib.lock(str(tmp_path))
+    proc = _main("--config", "configs/test.py", "--workdir", str(tmp_path), timeout=120)
+    assert proc.returncode == 1
+    assert f"{tmp_path}/.lock is held by pid {os.getpid()}" in proc.stderr
+  finally:
+    held.close()
+  # A lock file left by a killed process: flock died with it, so the next run takes over.
+  (tmp_path / ".lock").write_text("999999\n")
+  again = workdir_lib.lock(str(tmp_path))
+  assert (tmp_path / ".lock").read_text() == f"{os.getpid()}\n"
+  again.close()
+  # A workdir that cannot be written (here: a file in its place) is one line naming it.
+  (tmp_path / "file").write_text("")
+  with pytest.raises(errors.UserError, match=r"--workdir .*/file: cannot create .*/file/\.lock"):
+    workdir_lib.lock(str(tmp_path / "file"))
+
+
+def test_truncate_metrics_keeps_one_row_per_step(tmp_path):
+  rows = [{"step": s, "loss": 1.0} for s in range(6)] + [{"step": 6, "split": "val"}]
+  rows += [{"step": s, "loss": 2.0} for s in range(4, 8)] + ["not json"]
+  (tmp_path / "metrics.jsonl").write_text(
+      "".join((json.dumps(r) if isinstance(r, dict) else r) + "\n" for r in rows))
+  assert workdir_lib.truncate_metrics(str(tmp_path), 6) == {6}
+  kept = _rows(str(tmp_path))
+  assert [(r["step"], "split" in r) for r in kept] == [(s, False) for s in range(6)] + [
+      (6, True)]
+  assert all(r.get("loss", 1.0) == 1.0 for r in kept)  # the first row of each step
+
+
+@pytest.mark.parametrize("override,expected", [
+    ("--config.training.batch_sise=3", "batch_sise"),
+    ("--config.optim.lr=0", "config.optim.lr=0"),
+    ("--config.data.val_fraction=0", "config.data.val_fraction=0"),
+    ("--config.data.test_fraction=1.0", "config.data.test_fraction=1.0"),
+    ("--config.diffusion.mmd_kernel=laplace", "config.diffusion.mmd_kernel='laplace'"),
+    # A deprecated name still works: its value moves onto the new field, then is checked.
+    ("--config.diffusion.test_timesteps=0", "config.diffusion.test_steps must be >= 1, got 0"),
+])
+def test_bad_config_values_are_refused_up_front(tmp_path, override, expected):
+  # data.name=image_folder with a missing folder: the config check must come before the build.
+  proc = _main("--config", "configs/test.py", "--workdir", str(tmp_path / "run"), override,
+               "--config.data.name=image_folder",
+               f"--config.data.manual_dir={tmp_path / 'absent'}", timeout=120)
+  assert proc.returncode == 1
+  assert expected in proc.stderr
+  assert not (tmp_path / "run" / "config.json").exists()
+
+
+def _image(path, seed):
+  from PIL import Image  # pylint: disable=g-import-not-at-top
+  os.makedirs(os.path.dirname(path), exist_ok=True)
+  rng = np.random.default_rng(seed)
+  Image.fromarray(rng.integers(0, 255, (12, 12, 3), dtype=np.uint8)).save(path)
+
+
+def _folder(root, counts):
+  for c, count in counts.items():
+    for i in range(count):
+      _image(os.path.join(root, c, f"{i}.png"), hash((c, i)) % 1000)
+  return root
+
+
+def test_class_too_small_for_the_split_and_broken_link_are_one_line(tmp_path):
+  root = _folder(str(tmp_path / "images"), {"a": 10, "b": 10, "c": 1})
+  args = ["--config", "configs/test.py", "--config.data.name=image_folder",
+          f"--config.data.manual_dir={root}", "--config.data.num_classes=3",
+          f"--config.data.data_dir={tmp_path / 'tfds'}"]
+  proc = _main(*args, "--workdir", str(tmp_path / "run1"), timeout=120)
+  assert proc.returncode == 1
+  assert "class 'c' has 1 example(s), too few for the split" in proc.stderr
+  os.remove(os.path.join(root, "c", "0.png"))
+  os.rmdir(os.path.join(root, "c"))
+  os.symlink(os.path.join(root, "missing.png"), os.path.join(root, "a", "broken.png"))
+  proc = _main(*args, "--config.data.num_classes=2", "--workdir", str(tmp_path / "run2"),
+               timeout=120)
+  assert proc.returncode == 1
+  assert f"{root}/a/broken.png: broken link or not a regular file" in proc.stderr
+
+
+def test_stable_probs_of_exploded_and_non_finite_chains():
+  y0 = np.array([[[8e17, -8e17, 0.0]],            # exploded but finite: softmax is one-hot
+                 [[np.inf, 0.0, 0.0]],             # non-finite: no prediction
+                 [[np.log(2.0), 0.0, np.nan]],     # non-finite
+                 [[np.log(2.0), 0.0, 0.0]]])       # ordinary: (2, 1, 1) / 4
+  probs, diverged, non_finite = evaluate.stable_probs(y0)
+  np.testing.assert_array_equal(probs[0], [1.0, 0.0, 0.0])
+  assert np.isnan(probs[1]).all() and np.isnan(probs[2]).all()
+  np.testing.assert_allclose(probs[3], [0.5, 0.25, 0.25], rtol=1e-15)
+  assert diverged.tolist() == [1, 1, 1, 0] and non_finite.tolist() == [0, 1, 1, 0]
+  # Two chains, one diverged: the example keeps the finite chain's probabilities.
+  probs, diverged, _ = evaluate.stable_probs(np.array([[[0.0, np.log(3.0)], [np.nan, 0.0]]]))
+  np.testing.assert_allclose(probs[0], [0.25, 0.75], rtol=1e-15)
+  assert diverged.tolist() == [1]
+
+
+def test_non_finite_predictions_count_as_wrong():
+  labels = np.array([0, 1, 2, 0])
+  probs = np.array([[0.8, 0.1, 0.1], [np.nan] * 3, [0.1, 0.1, 0.8], [np.inf, 0.0, 0.0]])
+  m = metrics.classification_metrics(probs, labels, 3)
+  assert m["accuracy"] == 0.5 and m["num_nonfinite"] == 2
+  # Hand-computed: rows 1 and 3 are predicted as another class than their label.
+  assert np.trace(np.asarray(m["confusion_matrix"])) == 2
+  assert np.asarray(m["confusion_matrix"]).sum() == 4
+  lines = evaluate.divergence_lines({"dcg_fused": m}, "val")
+  assert lines == ["dcg_fused head on val: 2 of 4 examples without a finite prediction "
+                   "(counted as wrong)"]
+
+
+def test_diverged_validation_never_stops_training(reference, tiny_config, tmp_path,
+                                                  monkeypatch):
+  workdir = _fresh_copy(reference, tmp_path)
+  for step in (16, 18):
+    shutil.rmtree(os.path.join(workdir, "checkpoints", str(step)))
+  make = evaluate._sample_fn
+
+  def exploding(models, sampler_name, num_steps, num_samples):
+    fn = make(models, sampler_name, num_steps, num_samples)
+
+    def sample(variables, images, key):
+      out = dict(fn(variables, images, key))
+      y0 = np.array(out["y0"])
+      y0[::2] = np.inf  # every other example's chain diverges
+      y0[1::4] *= 1e17  # and some explode while staying finite
+      return {**out, "y0": y0}
+    return sample
+
+  monkeypatch.setattr(evaluate, "_sample_fn", exploding)
+  config = tiny_config()
+  config.training.keep_checkpoints = 10
+  results = train.train_and_evaluate(config, workdir)
+  assert results["diffusion"]["num_nonfinite"] == (results["diffusion"]["num_examples"] + 1) // 2
+  assert results["diffusion"]["num_diverged"] > results["diffusion"]["num_nonfinite"]
+  val_rows = [r for r in _rows(workdir) if "split" in r]
+  assert val_rows[-1]["step"] == 18 and val_rows[-1]["val_diffusion_diverged"] > 0
+  report = json.load(open(os.path.join(workdir, "eval", "test_metrics.json")))
+  assert report["heads"]["diffusion"]["num_diverged"] == results["diffusion"]["num_diverged"]
+
+
+def test_resume_names_the_stage_it_resumes_in(reference, tiny_config):
+  run = run_lib.prepare(tiny_config(), reference[0])
+  plan = train.stage_plan(run.models, run.config, run.steps_per_epoch)
+  assert [train._stage_at(plan, s, run) for s in (0, 5, 6, 17, 18)] == [
+      "warmup", "warmup", "joint", "joint", "done"]
+  run.checkpointer.close()
+
+
+def test_refused_pickle_is_one_line(tmp_path):
+  import pickle  # pylint: disable=g-import-not-at-top
+  evil = tmp_path / "train.pkl"
+  evil.write_bytes(pickle.dumps([{"img_root": os.path.join, "label": 0}]))
+  proc = _main("--config", "configs/test.py", "--workdir", str(tmp_path / "run"),
+               "--config.data.name=official_pickle", f"--config.data.train_pickle={evil}",
+               f"--config.data.test_pickle={evil}", f"--config.data.data_dir={tmp_path}",
+               timeout=120)
+  assert proc.returncode == 1
+  assert f"{evil}: refusing to load posixpath.join" in proc.stderr
+
+
+def test_damaged_official_checkpoint_is_one_line(tmp_path):
+  torch = pytest.importorskip("torch")
+  good = tmp_path / "ckpt.pth"
+  torch.save([{"w": torch.zeros(2)}, {}, 0, 0], good)
+  truncated = tmp_path / "aux_ckpt.pth"
+  truncated.write_bytes(good.read_bytes()[:100])
+  env = {**os.environ, "PYTHONPATH": conftest.REPO}
+  for ckpt, aux, name in ((truncated, good, truncated), (good, tmp_path / "x.pth", None)):
+    if name is None:
+      (tmp_path / "x.pth").write_bytes(b"not a checkpoint")
+      name = tmp_path / "x.pth"
+    args = ["official", "--config", "configs/test.py", f"--ckpt={ckpt}", f"--aux-ckpt={aux}",
+            f"--workdir={tmp_path / 'run'}"]
+    proc = subprocess.run([sys.executable, "-m", "diffmic_jax.convert", *args],
+                          cwd=conftest.REPO, env=env, capture_output=True, text=True, timeout=120)
+    USER_ERROR_OUTPUTS.append((args, proc.stdout + proc.stderr))
+    assert proc.returncode == 1
+    assert f"error: {name}: " in proc.stderr and "PyTorch checkpoint" in proc.stderr
+
+
+def test_diverging_training_stops_with_one_line_and_keeps_its_checkpoint(tmp_path):
+  proc = _main("--config", "configs/test.py", "--workdir", str(tmp_path),
+               "--config.optim.lr=1e30", timeout=300)
+  assert proc.returncode == 1
+  line = proc.stderr.strip().splitlines()[-1]  # the error is the last line, after the bar
+  assert line.startswith("error: non-finite") and "the last good checkpoint is kept" in line
+  bad_step = int(line.split(" at step ")[1].split(";")[0])
+  # Every checkpoint precedes the first non-finite step, and nothing was validated after it.
+  steps = checkpointing.Checkpointer(str(tmp_path)).all_steps()
+  assert steps and max(steps) <= bad_step
+
+
+def test_no_traceback_in_user_errors():
+  """Every user error provoked above: exit 1 with one `error:` line, never a traceback."""
+  if not USER_ERROR_OUTPUTS:
+    pytest.skip("run with the command-line tests of this module, which collect the outputs")
+  assert len(USER_ERROR_OUTPUTS) >= 10
+  for args, output in USER_ERROR_OUTPUTS:
+    assert "Traceback" not in output, (args, output[-3000:])
+    errors_printed = [line for line in output.splitlines() if line.startswith("error: ")]
+    assert len(errors_printed) == 1, (args, output[-3000:])
