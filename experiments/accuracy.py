@@ -49,6 +49,8 @@ LEVERS = {
     "full_frozen_dcg": ["--config.guidance.joint_train=False"],
     "full_cdrop": ["--config.model.cond_dropout=0.3"],
     "full_clip": ["--config.diffusion.clip_y0=2.0"],
+    # Local crops of 16 px instead of 8 (at 64 px, 8 px crops leave the local branch near chance).
+    "full_crop16": ["--config.guidance.crop_size=16"],
     "full_e300": ["--config.training.num_epochs=300", "--config.training.eval_every_epochs=20"],
 }
 ARMS = {**PROTOCOL, **LEVERS}
