@@ -49,6 +49,8 @@ LEVERS = {
     "full_frozen_dcg": ["--config.guidance.joint_train=False"],
     "full_cdrop": ["--config.model.cond_dropout=0.3"],
     "full_clip": ["--config.diffusion.clip_y0=2.0"],
+    # Local crops of 16 px instead of 8 (at 64 px, 8 px crops leave the local branch near chance).
+    "full_crop16": ["--config.guidance.crop_size=16"],
     "full_e300": ["--config.training.num_epochs=300", "--config.training.eval_every_epochs=20"],
 }
 ARMS = {**PROTOCOL, **LEVERS}
@@ -107,33 +109,55 @@ def table(records):
   return "\n".join(lines)
 
 
+def _smooth(values, width=15):
+  """Running mean over `width` logged steps (training losses are per-batch and noisy)."""
+  values = np.asarray(values, float)
+  if len(values) < width:
+    return values
+  return np.convolve(values, np.ones(width) / width, mode="valid")
+
+
 def plot_curves(records, out_dir):
+  """curves_<arm>.png: validation accuracy per head (one line per seed), the ε-MSE per timestep
+  band, and the MMD terms with the DCG loss, over training (seeds overlaid, smoothed)."""
   import matplotlib
   matplotlib.use("Agg")
   from matplotlib import pyplot as plt
   by_arm = {}
   for r in records:
     by_arm.setdefault(r["arm"], []).append(r)
+  loss_panels = (("ε-MSE per timestep band (0 = smallest t)",
+                  ("mse_band0", "mse_band1", "mse_band2", "mse_band3")),
+                 ("MMD terms and DCG loss", ("mmd_global", "mmd_local", "dcg_loss")))
   for arm, runs in by_arm.items():
-    fig, (ax_val, ax_loss) = plt.subplots(1, 2, figsize=(11, 4))
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4))
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    split = "val"
     for r in runs:
+      style = ["-", "--", ":"][r["seed"] % 3]
       val = r["curves"]["val"]
-      if not val:
-        continue
-      split = val[0]["split"]
-      for key in sorted(k for k in val[0] if k.endswith("_accuracy")):
-        head = key[len(split) + 1:-len("_accuracy")]
-        ax_val.plot([v["epoch"] for v in val], [v[key] for v in val], label=f"{head} s{r['seed']}")
-      train = r["curves"]["train"]
-      for key in ("mse_band0", "mse_band1", "mse_band2", "mse_band3", "mmd_global", "mmd_local",
-                  "dcg_loss"):
-        if train and key in train[0]:
-          ax_loss.plot([t["step"] for t in train], [t[key] for t in train], label=f"{key} s{r['seed']}",
-                       lw=0.8)
-    ax_val.set(title=f"{arm}: {split} accuracy per head", xlabel="joint epoch")
-    ax_loss.set(title=f"{arm}: training losses", xlabel="step", yscale="log")
-    ax_val.legend(fontsize=6, ncol=2)
-    ax_loss.legend(fontsize=6, ncol=2)
+      if val:
+        split = val[0]["split"]
+        heads = sorted(k[len(split) + 1:-len("_accuracy")] for k in val[0]
+                       if k.endswith("_accuracy"))
+        for i, head in enumerate(heads):
+          key = f"{split}_{head}_accuracy"
+          axes[0].plot([v["epoch"] for v in val], [v[key] for v in val], style,
+                       color=colors[i % len(colors)], label=f"{head} s{r['seed']}", lw=1)
+      for ax, (_, keys) in zip(axes[1:], loss_panels):
+        for i, key in enumerate(keys):
+          rows = [t for t in r["curves"]["train"] if key in t]
+          if len(rows) > 1:
+            smooth = _smooth([t[key] for t in rows])
+            steps = [t["step"] for t in rows][len(rows) - len(smooth):]
+            ax.plot(steps, smooth, style, color=colors[i % len(colors)],
+                    label=f"{key} s{r['seed']}", lw=1)
+    axes[0].set(title=f"{arm}: {split} accuracy per head", xlabel="joint epoch")
+    for ax, (title, _) in zip(axes[1:], loss_panels):
+      ax.set(title=f"{arm}: {title}", xlabel="step", yscale="log")
+    for ax in axes:
+      if ax.get_legend_handles_labels()[0]:
+        ax.legend(fontsize=6, ncol=2)
     fig.tight_layout()
     fig.savefig(os.path.join(out_dir, f"curves_{arm}.png"), dpi=80)
     plt.close(fig)

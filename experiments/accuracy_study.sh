@@ -28,7 +28,8 @@ case $part in
     done
     ;;
   levers)  # one seed each, against the protocol's full model of seed 0 (same folder)
-    study busi_cpu busi_cpu full,full_s1,full_dual,full_ema995,full_warm10,full_lossall,full_balanced,full_frozen_dcg,full_cdrop,full_beta1000,full_s50 0
+    study busi_cpu busi_cpu full,full_s1,full_s50,full_dual,full_crop16,full_ema995,full_warm10,full_lossall,full_balanced,full_frozen_dcg,full_cdrop,full_beta1000 0
+    study ham10000_cpu ham10000_cpu full,full_balanced,full_lossall,full_dual,full_s50 0
     ;;
   long)  # the official joint length is the expensive lever: 300 joint epochs
     study busi_cpu busi_cpu full_e300 0

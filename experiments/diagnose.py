@@ -12,7 +12,8 @@ Restores a checkpoint of a training run and measures, on a split:
   * max |ŷ₀| and max |y_t| at every step of the chain (divergence tracking).
 
   python experiments/diagnose.py --config configs/busi_cpu.py --workdir runs/busi_cpu \
-      [--checkpoint best] [--json out.json] [--config.x=y ...]
+      [--checkpoint best] [--json out.json] [--max_examples N] [--weights raw,ema]
+      [--config.x=y ...]
 Prints one JSON object (and writes it with --json).
 """
 
@@ -38,6 +39,9 @@ _WORKDIR = flags.DEFINE_string("workdir", None, "Training workdir.")
 _CHECKPOINT = flags.DEFINE_string("checkpoint", "best", "best | latest | step.")
 _JSON = flags.DEFINE_string("json", "", "Write the results here too.")
 _SAMPLES = flags.DEFINE_integer("num_samples", 10, "S for the multi-sample rows.")
+_MAX_EXAMPLES = flags.DEFINE_integer(
+    "max_examples", 0, "Use only the first N examples of each split (0 = all; in 64-image batches).")
+_WEIGHTS = flags.DEFINE_list("weights", ["raw", "ema"], "Which weights to probe: raw, ema.")
 
 
 def _chain_trajectory(denoise_fn, schedule, prior, cond, key, timesteps, clip):
@@ -171,13 +175,15 @@ def main(argv):
   c = config.data.num_classes
   report = {"checkpoint": _CHECKPOINT.value}
   key = jax.random.PRNGKey(0)
-  for ema in (False, True):
+  for ema in [w == "ema" for w in _WEIGHTS.value]:
     config.optim.eval_with_ema = ema
     models, variables = evaluate.load_variables(config, workdir, _CHECKPOINT.value)
     tag = "ema" if ema else "raw"
     for split in ("train", "test"):
       batches = list(input_pipeline.eval_batches(getattr(splits, split), config.data,
                                                  batch_size=64))
+      if _MAX_EXAMPLES.value:
+        batches = batches[:-(-_MAX_EXAMPLES.value // 64)]
       if split == "train" and ema:
         continue
       if split == "test":
