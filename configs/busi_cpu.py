@@ -1,9 +1,15 @@
-"""BUSI at CPU size: the accuracy study's BUSI setting (experiments/README.md, "Accuracy").
+"""BUSI at CPU size: the accuracy study's BUSI setting (experiments/README.md, "Accuracy study").
 
 64×64 images, two-stage width-16 ResNet-18 trunks for the DCG and ρ(x), F=256, T=100,
-trained from scratch. Every arm of the study (basic, c1, c2, full) uses this config.
+trained from scratch (5 DCG warm-up + 60 joint epochs, batch 32); the checkpoint is chosen on
+validation macro-F1 with 10 reverse samples per image. Every arm of the study (basic, dcg, c1,
+c2, full) uses this config.
 
-  python -m diffmic_jax.main --config configs/busi_cpu.py --workdir runs/busi_cpu
+  python -m diffmic_jax.main --config configs/busi_cpu.py --workdir runs/busi_cpu --config.seed=0
+
+Time: 1 to 3 minutes per run on the 2-core AMD EPYC (Zen 4, AVX-512), sharing it with a second
+job. Result (test split, 119 images, mean ± std over seeds 0, 1, 2): full model, diffusion head
+macro-F1 0.558 ± 0.019 (accuracy 0.641 ± 0.005), its DCG 0.563 ± 0.032; `basic` 0.611 ± 0.019.
 """
 
 from configs import busi

@@ -4,7 +4,13 @@ All 10,015 images of ../shared/data/ham10000_200x150 at 48×48 (6×6 saliency gr
 lesion on both sides), two-stage width-16 ResNet-18 trunks for the DCG and ρ(x), F=256, T=100,
 trained from scratch; the same sizes as configs/busi_cpu.py.
 
-  python -m diffmic_jax.main --config configs/ham10000_cpu.py --workdir runs/ham10000_cpu
+  python -m diffmic_jax.main --config configs/ham10000_cpu.py --workdir runs/ham10000_cpu \
+      --config.seed=0
+
+Time: 1 to 2 minutes for `basic` and `dcg`, 3 to 6 minutes for the diffusion arms (evaluating
+10 samples × 100 steps on 3,006 test images) on the 2-core AMD EPYC (Zen 4, AVX-512), shared
+with a second job. Result (test split, mean ± std over seeds 0, 1, 2): full model, diffusion head
+macro-F1 0.318 ± 0.061 (accuracy 0.693 ± 0.010), its DCG 0.413 ± 0.046; `basic` 0.365 ± 0.045.
 """
 
 import os

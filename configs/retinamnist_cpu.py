@@ -4,7 +4,12 @@ The official MedMNIST train/val/test split (1,080 / 120 / 400) of ../shared/data
 upsampled to 32×32 at build time, with the model sizes of configs/busi_cpu.py (crop 8 px on a 4×4
 saliency grid).
 
-  python -m diffmic_jax.main --config configs/retinamnist_cpu.py --workdir runs/retinamnist_cpu
+  python -m diffmic_jax.main --config configs/retinamnist_cpu.py --workdir runs/retinamnist_cpu \
+      --config.seed=0
+
+Time: 1 to 3 minutes per run on the 2-core AMD EPYC (Zen 4, AVX-512), shared with a second job.
+Result (test split, 400 images, mean ± std over seeds 0, 1, 2): full model, diffusion head
+macro-F1 0.320 ± 0.018 (accuracy 0.502 ± 0.010), its DCG 0.351 ± 0.013; `basic` 0.362 ± 0.006.
 """
 
 import os
