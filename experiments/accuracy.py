@@ -43,6 +43,8 @@ LEVERS = {
     "full_warm10": ["--config.guidance.pretrain_epochs=10"],
     "full_lossall": ["--config.guidance.loss=all"],
     "full_balanced": ["--config.data.class_balanced=True"],
+    # basic with the same sampling: the fair baseline for full_balanced.
+    "basic_balanced": ["--config.ablation=basic", "--config.data.class_balanced=True"],
     # β scaled by 1000/T: at T=100 the chain then ends at the ᾱ_T ≈ 2e-5 of the official
     # T=1000 table instead of ᾱ_T = 0.36 (where the sampler's start N(μ, I) is not the marginal).
     "full_beta1000": ["--config.diffusion.beta_start=1e-3", "--config.diffusion.beta_end=0.2"],
