@@ -17,6 +17,20 @@ from diffmic_jax import diffusion
 from diffmic_jax import models as models_lib
 
 
+def image_denoiser(models, variables, images):
+  """ρ(x) of `images` [B, H, W, 3], computed once, and ε_θ(y_t, ŷ, t) on those features: the
+  `denoise_fn(y [B, C], cond [B, C·k], t)` that the chains call at every step."""
+  dvars = variables["denoiser"]
+  features = models.denoiser.apply(dvars, images, train=False,
+                                   method=denoiser_lib.NoiseModel.encode)
+
+  def denoise_fn(y, cond, t):
+    return models.denoiser.apply(dvars, features, y, cond, t, train=False,
+                                 method=denoiser_lib.NoiseModel.denoise)
+
+  return denoise_fn
+
+
 def run_chain(denoise_fn, schedule, prior_mean, conditioning, key, timesteps, clip: float = 0.0):
   """One reverse chain for a batch.
 
@@ -66,14 +80,7 @@ def sample(models: models_lib.Models, variables, images, key, *, timesteps, num_
     y0 = logits["fused"][:, None, :]
   else:
     prior_mean, conditioning = models_lib.stream_inputs(models, logits)["fused"]
-    dvars = variables["denoiser"]
-    features = models.denoiser.apply(dvars, images, train=False,
-                                     method=denoiser_lib.NoiseModel.encode)
-
-    def denoise_fn(y, cond, t):
-      return models.denoiser.apply(dvars, features, y, cond, t, train=False,
-                                   method=denoiser_lib.NoiseModel.denoise)
-
+    denoise_fn = image_denoiser(models, variables, images)
     chain = functools.partial(run_chain, denoise_fn, models.schedule(), prior_mean, conditioning,
                               timesteps=timesteps, clip=models.clip_y0)
     y0 = jnp.moveaxis(jax.vmap(chain)(jax.random.split(key, num_samples)), 0, 1)
@@ -169,14 +176,7 @@ def sample_trajectory(models: models_lib.Models, variables, images, key, *, time
     raise ValueError("sample_trajectory needs a diffusion model (ablation 'basic' has none)")
   logits, _ = guidance_outputs(models, variables, images)
   prior_mean, conditioning = models_lib.stream_inputs(models, logits)["fused"]
-  dvars = variables["denoiser"]
-  features = models.denoiser.apply(dvars, images, train=False,
-                                   method=denoiser_lib.NoiseModel.encode)
-
-  def denoise_fn(y, cond, t):
-    return models.denoiser.apply(dvars, features, y, cond, t, train=False,
-                                 method=denoiser_lib.NoiseModel.denoise)
-
+  denoise_fn = image_denoiser(models, variables, images)
   trajectory, y0 = run_chain_trajectory(denoise_fn, models.schedule(), prior_mean, conditioning,
                                         jax.random.split(key, 1)[0], timesteps,
                                         models.clip_y0)
