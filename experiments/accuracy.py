@@ -44,7 +44,8 @@ LEVERS = {
     "full_lossall": ["--config.guidance.loss=all"],
     "full_balanced": ["--config.data.class_balanced=True"],
     # The two levers that helped the head, together.
-    "full_balanced_beta1000": ["--config.data.class_balanced=True", "--config.diffusion.beta_start=1e-3",
+    "full_balanced_beta1000": ["--config.data.class_balanced=True",
+                               "--config.diffusion.beta_start=1e-3",
                                "--config.diffusion.beta_end=0.2"],
     # basic with the same sampling: the fair baseline for full_balanced.
     "basic_balanced": ["--config.ablation=basic", "--config.data.class_balanced=True"],
