@@ -30,8 +30,8 @@ case $part in
   levers)  # one seed each, against the protocol's full model of seed 0 (same folder)
     study busi_cpu busi_cpu full,full_s1,full_s50,full_dual,full_crop16,full_ema995,full_warm10,full_lossall,full_balanced,full_frozen_dcg,full_cdrop,full_beta1000 0
     study busi_cpu busi_cpu basic_balanced,full_balanced 0,1,2  # the strongest lever, with seeds
-    study busi_cpu busi_cpu full_balanced_beta1000 0,1,2
-    study ham10000_cpu ham10000_cpu full_balanced,basic_balanced 0,1,2
+    study busi_cpu busi_cpu full_balanced_beta1000 0,1,2  # the two levers that helped, together
+    study ham10000_cpu ham10000_cpu full_balanced,basic_balanced,full_balanced_beta1000 0,1,2
     study ham10000_cpu ham10000_cpu full,full_lossall,full_dual 0
     ;;
   long)  # the official joint length is the expensive lever: 300 joint epochs
