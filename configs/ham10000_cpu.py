@@ -7,9 +7,9 @@ trained from scratch; the same sizes as configs/busi_cpu.py.
   python -m diffmic_jax.main --config configs/ham10000_cpu.py --workdir runs/ham10000_cpu \
       --config.seed=0
 
-Time: 1 to 2 minutes for `basic` and `dcg`, 3 to 6 minutes for the diffusion arms (evaluating
-10 samples × 100 steps on 3,006 test images) on the 2-core AMD EPYC (Zen 4, AVX-512), shared
-with a second job. Result (test split, mean ± std over seeds 0, 1, 2): full model, diffusion head
+Time: 1 to 2 minutes for `basic` and `dcg`, 1.5 to 5.5 minutes for the diffusion arms (mostly
+evaluating 10 samples × 100 steps on 3,006 test images) on the 2-core AMD EPYC (Zen 4,
+AVX-512), shared with a second job. Result (test split, mean ± std over seeds 0, 1, 2): full model, diffusion head
 macro-F1 0.318 ± 0.061 (accuracy 0.693 ± 0.010), its DCG 0.413 ± 0.046; `basic` 0.365 ± 0.045.
 """
 
