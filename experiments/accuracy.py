@@ -58,6 +58,7 @@ LEVERS = {
     # Local crops of 16 px instead of 8 (at 64 px, 8 px crops leave the local branch near chance).
     "full_crop16": ["--config.guidance.crop_size=16"],
     "full_e300": ["--config.training.num_epochs=300", "--config.training.eval_every_epochs=20"],
+    "full_e1000": ["--config.training.num_epochs=1000", "--config.training.eval_every_epochs=50"],
 }
 ARMS = {**PROTOCOL, **LEVERS}
 METRICS = ("accuracy", "f1_macro", "kappa_quadratic", "balanced_accuracy", "auc_macro_ovr")

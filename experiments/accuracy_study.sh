@@ -34,8 +34,8 @@ case $part in
     study ham10000_cpu ham10000_cpu full_balanced,basic_balanced,full_balanced_beta1000 0,1,2
     study ham10000_cpu ham10000_cpu full,full_lossall,full_dual 0
     ;;
-  long)  # the official joint length is the expensive lever: 300 joint epochs
-    study busi_cpu busi_cpu full_e300 0
+  long)  # the official joint length is the expensive lever: 300 and 1000 joint epochs
+    study busi_cpu busi_cpu full_e300,full_e1000 0
     ;;
   *) echo "usage: $0 protocol|guides|diffusion|levers|long" >&2; exit 1 ;;
 esac
