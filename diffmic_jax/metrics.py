@@ -16,9 +16,12 @@ SELECT_METRICS = ("accuracy", "f1_macro", "balanced_accuracy")
 
 
 def expected_calibration_error(probs, labels, num_bins: int = 15) -> float:
-  """ECE with equal-width confidence bins. probs: [N, C]; labels: [N]."""
-  confidence = probs.max(axis=1)
-  correct = (probs.argmax(axis=1) == labels).astype(np.float64)
+  """ECE with equal-width confidence bins. probs: [N, C] (finite); labels: [N]."""
+  return _ece(probs.max(axis=1), (probs.argmax(axis=1) == labels).astype(np.float64), num_bins)
+
+
+def _ece(confidence, correct, num_bins: int) -> float:
+  """Σ_b (n_b / N) · |accuracy_b − confidence_b| over equal-width bins; confidence, correct: [N]."""
   bins = np.minimum((confidence * num_bins).astype(int), num_bins - 1)
   ece = 0.0
   for b in range(num_bins):
@@ -81,7 +84,7 @@ def classification_metrics(probs, labels, num_classes: int) -> dict:
       "balanced_accuracy": float(np.mean([r for r in per_class(confusion)["sensitivity"]
                                           if r is not None])),
       "auc_macro_ovr": macro_ovr_auc(probs, labels, num_classes),
-      "ece": expected_calibration_error(probs, labels),
+      "ece": _ece(probs.max(axis=1), (preds == labels).astype(np.float64), num_bins=15),
       "per_class": per_class(confusion),
       "confusion_matrix": confusion.tolist(),
       "num_nonfinite": int(np.sum(~finite)),
@@ -173,11 +176,15 @@ def reliability_curve(probs, labels, num_bins: int = 15) -> dict:
   """
   from sklearn import calibration  # pylint: disable=g-import-not-at-top
   probs = np.asarray(probs, np.float64)
-  correct = (probs.argmax(axis=1) == np.asarray(labels)).astype(np.float64)
+  labels = np.asarray(labels)
+  # A diverged (non-finite) row counts as in `classification_metrics`: uniform and wrong.
+  finite = np.isfinite(probs).all(axis=1)
+  probs = np.where(finite[:, None], probs, 1.0 / probs.shape[1])
+  correct = (finite & (probs.argmax(axis=1) == labels)).astype(np.float64)
   accuracy, confidence = calibration.calibration_curve(correct, probs.max(axis=1),
                                                        n_bins=num_bins, strategy="uniform")
   return {"confidence": confidence.tolist(), "accuracy": accuracy.tolist(),
-          "ece": expected_calibration_error(probs, labels, num_bins)}
+          "ece": _ece(probs.max(axis=1), correct, num_bins)}
 
 
 def _pyplot():

@@ -64,3 +64,18 @@ def test_score_names_the_heads_of_each_ablation():
   basic = evaluate.score(predictions, 3, with_diffusion=False, dcg=False)
   assert list(basic) == ["classifier"]
   assert basic["classifier"]["accuracy"] == pytest.approx(4 / 6)
+
+
+def test_diverged_rows_are_uniform_and_wrong_in_the_calibration_numbers():
+  # One confident correct row (confidence 0.9, bin 13 of 15) and one diverged row, which counts
+  # as uniform (confidence 1/3, bin 5) and wrong: ECE = ½·|1 − 0.9| + ½·|0 − 1/3| = 0.05 + 1/6,
+  # by hand. Dropping the diverged row from the bins but not from N gives 0.05; scoring the
+  # uniform row's argmax (class 0, the label) as right gives 0.05 + 1/3.
+  probs = np.array([[0.9, 0.05, 0.05], [np.nan, np.nan, np.nan]])
+  labels = np.array([0, 0])
+  curve = metrics.reliability_curve(probs, labels)
+  np.testing.assert_allclose(curve["ece"], 0.05 + 1 / 6, atol=1e-12)
+  assert np.all(np.isfinite(curve["confidence"]))
+  report = metrics.classification_metrics(probs, labels, num_classes=3)
+  np.testing.assert_allclose(report["ece"], 0.05 + 1 / 6, atol=1e-12)
+  assert report["num_nonfinite"] == 1 and report["accuracy"] == 0.5
