@@ -3,7 +3,9 @@
 Every run is `python -m diffmic_jax.main --config CONFIG --workdir RUNS/<arm>/seed<k>
 --config.seed=<k> <arm overrides>`; its test report (eval/test_metrics.json, the checkpoint
 chosen on the validation split) and its learning curves (metrics.jsonl) are copied into
-OUT/runs/<arm>_seed<k>.json. Finished runs are skipped, so an interrupted study resumes.
+OUT/runs/<arm>_seed<k>.json as it finishes (scratch: `runs/` is git-ignored) and, with every
+other run, into OUT/results.json (the committed record). Runs found in either are skipped, so
+an interrupted study resumes, also from a fresh clone.
 
   python experiments/accuracy.py --config configs/busi_cpu.py --arms protocol \
       --seeds 0,1,2 --out experiments/results/busi_cpu --runs runs/accuracy/busi_cpu
@@ -11,7 +13,7 @@ OUT/runs/<arm>_seed<k>.json. Finished runs are skipped, so an interrupted study 
 Arm sets (--arms): `protocol` = the paper's Table 2 arms basic, c1, c2, full plus `dcg`, the
 DCG trained alone and selected on its own validation score; `levers` = the full model with one
 change each (see LEVERS); or a comma list of names from both. `--table-only` rebuilds the
-outputs from every run already in OUT/runs (several studies may share one OUT). Writes
+outputs from every run already in OUT (several studies may share one OUT). Writes
 OUT/results.json (every run), OUT/table.md (mean ± std over seeds for every arm and head) and
 OUT/curves_<arm>.png (validation accuracy of every head and the training losses).
 """
@@ -24,6 +26,8 @@ import sys
 import time
 
 import numpy as np
+
+from diffmic_jax import files
 
 PROTOCOL = {
     "basic": ["--config.ablation=basic"],
@@ -64,12 +68,12 @@ ARMS = {**PROTOCOL, **LEVERS}
 METRICS = ("accuracy", "f1_macro", "kappa_quadratic", "balanced_accuracy", "auc_macro_ovr")
 
 
-def run_one(config, arm, seed, runs_dir, out_dir, extra):
-  """Trains one arm × seed (skipped if its result exists); returns the result record."""
+def run_one(config, arm, seed, runs_dir, out_dir, extra, finished):
+  """Trains one arm × seed (skipped if `finished`, {(arm, seed): record}, has it); returns the
+  result record."""
+  if (arm, seed) in finished:
+    return finished[(arm, seed)]
   result_path = os.path.join(out_dir, "runs", f"{arm}_seed{seed}.json")
-  if os.path.exists(result_path):
-    with open(result_path) as f:
-      return json.load(f)
   workdir = os.path.join(runs_dir, arm, f"seed{seed}")
   os.makedirs(workdir, exist_ok=True)
   cmd = [sys.executable, "-m", "diffmic_jax.main", f"--config={config}", f"--workdir={workdir}",
@@ -82,9 +86,7 @@ def run_one(config, arm, seed, runs_dir, out_dir, extra):
   record = {"arm": arm, "seed": seed, "command": " ".join(cmd[1:]), "wall_s": time.time() - start,
             "test": report, "curves": _curves(os.path.join(workdir, "metrics.jsonl"))}
   os.makedirs(os.path.dirname(result_path), exist_ok=True)
-  with open(result_path + ".tmp", "w") as f:
-    json.dump(record, f, indent=1)
-  os.replace(result_path + ".tmp", result_path)
+  files.write_json(result_path, record, indent=1)
   return record
 
 
@@ -166,7 +168,7 @@ def plot_curves(records, out_dir):
       if ax.get_legend_handles_labels()[0]:
         ax.legend(fontsize=6, ncol=2)
     fig.tight_layout()
-    fig.savefig(os.path.join(out_dir, f"curves_{arm}.png"), dpi=80)
+    files.save_figure(fig, os.path.join(out_dir, f"curves_{arm}.png"), dpi=80)
     plt.close(fig)
 
 
@@ -186,10 +188,11 @@ def main():
   unknown = [n for n in names if n not in ARMS]
   if unknown:
     parser.error(f"unknown arms {unknown}; choose from {sorted(ARMS)}, 'protocol' or 'levers'")
+  finished = {(r["arm"], r["seed"]): r for r in _read_runs(args.out)}
   records = []
   for seed in [int(s) for s in args.seeds.split(",")]:
     for arm in names:
-      records.append(run_one(args.config, arm, seed, args.runs, args.out, extra))
+      records.append(run_one(args.config, arm, seed, args.runs, args.out, extra, finished))
       print(f"{arm} seed {seed}: " + ", ".join(
           f"{h} F1 {m['f1_macro']:.3f}" for h, m in records[-1]["test"]["heads"].items()),
           flush=True)
@@ -197,22 +200,27 @@ def main():
 
 
 def _read_runs(out_dir):
-  """Every finished run of OUT/runs, in arm order (protocol, then levers), then seed."""
+  """Every finished run of OUT/results.json and OUT/runs (the newer per-run file wins), in arm
+  order (protocol, then levers), then seed."""
+  records = {}
+  results_path = os.path.join(out_dir, "results.json")
+  if os.path.exists(results_path):
+    with open(results_path) as f:
+      records.update({(r["arm"], r["seed"]): r for r in json.load(f)["runs"]})
   folder = os.path.join(out_dir, "runs")
-  records = []
-  for name in sorted(os.listdir(folder)):
+  for name in sorted(os.listdir(folder)) if os.path.isdir(folder) else []:
     if name.endswith(".json"):
       with open(os.path.join(folder, name)) as f:
-        records.append(json.load(f))
+        record = json.load(f)
+      records[(record["arm"], record["seed"])] = record
   order = list(ARMS)
-  return sorted(records, key=lambda r: (order.index(r["arm"]), r["seed"]))
+  return sorted(records.values(), key=lambda r: (order.index(r["arm"]), r["seed"]))
 
 
 def write_outputs(out_dir, config, extra, records):
-  with open(os.path.join(out_dir, "results.json"), "w") as f:
-    json.dump({"config": config, "extra": extra, "runs": records}, f, indent=1)
-  with open(os.path.join(out_dir, "table.md"), "w") as f:
-    f.write(table(records) + "\n")
+  files.write_json(os.path.join(out_dir, "results.json"),
+                   {"config": config, "extra": extra, "runs": records}, indent=1)
+  files.write_text(os.path.join(out_dir, "table.md"), table(records) + "\n")
   plot_curves(records, out_dir)
   print(table(records))
 
