@@ -15,13 +15,25 @@ from diffmic_jax import files
 SELECT_METRICS = ("accuracy", "f1_macro", "balanced_accuracy")
 
 
+def _uniform_if_diverged(probs):
+  """probs [N, C] with every row holding a non-finite entry (a diverged prediction) replaced by
+  the uniform 1/C, and the [N] mask of the finite rows."""
+  probs = np.asarray(probs, np.float64)
+  finite = np.isfinite(probs).all(axis=1)
+  return np.where(finite[:, None], probs, 1.0 / probs.shape[1]), finite
+
+
+def _confidence_and_correct(probs, labels):
+  """[N] top probability and [N] 0/1 correctness; a diverged row is uniform and wrong."""
+  probs, finite = _uniform_if_diverged(probs)
+  correct = finite & (probs.argmax(axis=1) == np.asarray(labels))
+  return probs.max(axis=1), correct.astype(np.float64)
+
+
 def expected_calibration_error(probs, labels, num_bins: int = 15) -> float:
-  """ECE with equal-width confidence bins. probs: [N, C] (finite); labels: [N]."""
-  return _ece(probs.max(axis=1), (probs.argmax(axis=1) == labels).astype(np.float64), num_bins)
-
-
-def _ece(confidence, correct, num_bins: int) -> float:
-  """Σ_b (n_b / N) · |accuracy_b − confidence_b| over equal-width bins; confidence, correct: [N]."""
+  """ECE, Σ_b (n_b / N) · |accuracy_b − confidence_b| over equal-width confidence bins.
+  probs: [N, C] (a diverged, non-finite row counts as uniform and wrong); labels: [N]."""
+  confidence, correct = _confidence_and_correct(probs, labels)
   bins = np.minimum((confidence * num_bins).astype(int), num_bins - 1)
   ece = 0.0
   for b in range(num_bins):
@@ -64,10 +76,9 @@ def classification_metrics(probs, labels, num_classes: int) -> dict:
     ECE, per-class precision/sensitivity/specificity, the confusion matrix (rows = truth) and
     num_nonfinite (rows counted as wrong).
   """
-  probs = np.asarray(probs, np.float64)
   labels = np.asarray(labels, np.int64)
-  finite = np.isfinite(probs).all(axis=1)
-  probs = np.where(finite[:, None], probs, 1.0 / num_classes)
+  ece = expected_calibration_error(probs, labels)
+  probs, finite = _uniform_if_diverged(probs)
   preds = np.where(finite, probs.argmax(axis=1), (labels + 1) % num_classes)
   classes = list(range(num_classes))
   confusion = skm.confusion_matrix(labels, preds, labels=classes)
@@ -84,7 +95,7 @@ def classification_metrics(probs, labels, num_classes: int) -> dict:
       "balanced_accuracy": float(np.mean([r for r in per_class(confusion)["sensitivity"]
                                           if r is not None])),
       "auc_macro_ovr": macro_ovr_auc(probs, labels, num_classes),
-      "ece": _ece(probs.max(axis=1), (preds == labels).astype(np.float64), num_bins=15),
+      "ece": ece,
       "per_class": per_class(confusion),
       "confusion_matrix": confusion.tolist(),
       "num_nonfinite": int(np.sum(~finite)),
@@ -175,16 +186,12 @@ def reliability_curve(probs, labels, num_bins: int = 15) -> dict:
      'ece': expected calibration error}.
   """
   from sklearn import calibration  # pylint: disable=g-import-not-at-top
-  probs = np.asarray(probs, np.float64)
-  labels = np.asarray(labels)
   # A diverged (non-finite) row counts as in `classification_metrics`: uniform and wrong.
-  finite = np.isfinite(probs).all(axis=1)
-  probs = np.where(finite[:, None], probs, 1.0 / probs.shape[1])
-  correct = (finite & (probs.argmax(axis=1) == labels)).astype(np.float64)
-  accuracy, confidence = calibration.calibration_curve(correct, probs.max(axis=1),
-                                                       n_bins=num_bins, strategy="uniform")
+  top, correct = _confidence_and_correct(probs, labels)
+  accuracy, confidence = calibration.calibration_curve(correct, top, n_bins=num_bins,
+                                                       strategy="uniform")
   return {"confidence": confidence.tolist(), "accuracy": accuracy.tolist(),
-          "ece": _ece(probs.max(axis=1), correct, num_bins)}
+          "ece": expected_calibration_error(probs, labels, num_bins)}
 
 
 def _pyplot():
