@@ -23,10 +23,12 @@ def image_denoiser(models, variables, images):
   dvars = variables["denoiser"]
   features = models.denoiser.apply(dvars, images, train=False,
                                    method=denoiser_lib.NoiseModel.encode)
+  # Once per call, outside the chain's scan: BatchNorm folded, weights and ρ(x) feature-major.
+  folded = denoiser_lib.fold_for_sampling(dvars, models.denoiser.dtype)
+  features_t = features.T
 
   def denoise_fn(y, cond, t):
-    return models.denoiser.apply(dvars, features, y, cond, t, train=False,
-                                 method=denoiser_lib.NoiseModel.denoise)
+    return denoiser_lib.denoise_folded(folded, features_t, y, cond, t)
 
   return denoise_fn
 
