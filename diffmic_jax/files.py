@@ -33,10 +33,10 @@ def write_text(path: str, text: str) -> None:
     f.write(text)
 
 
-def write_json(path: str, payload, indent: int = 2) -> None:
-  """Writes `payload` as JSON to `path` atomically."""
+def write_json(path: str, payload, indent: int = 2, default=None) -> None:
+  """Writes `payload` as JSON to `path` atomically (`default`: as in `json.dump`)."""
   with atomic_open(path) as f:
-    json.dump(payload, f, indent=indent)
+    json.dump(payload, f, indent=indent, default=default)
 
 
 def save_figure(fig, path, **kwargs) -> None:

@@ -9,6 +9,9 @@ train step in our (noisy) measurements, so only `main.py` and the benchmark call
 """
 
 import ctypes
+import os
+import platform
+import resource
 
 
 def tune_cpu_malloc():
@@ -39,3 +42,64 @@ def tune_cpu_malloc():
   ok &= libc.mallopt(m_mmap_threshold, 1 << 30)
   ok &= libc.mallopt(m_trim_threshold, 2**31 - 1)
   return bool(ok)
+
+
+# Vector instruction sets that decide CPU matmul/convolution speed (x86 and Arm names as
+# /proc/cpuinfo spells them).
+VECTOR_EXTENSIONS = ("sse4_2", "avx", "avx2", "fma", "avx512f", "avx512bw", "avx512vl",
+                     "avx512_vnni", "avx512_bf16", "avx512_fp16", "amx_tile", "amx_bf16",
+                     "amx_int8", "asimd", "sve", "sve2")
+
+
+def cpu_description(cpuinfo: str | None = None) -> dict:
+  """{'model': CPU model name, 'vector_extensions': sorted list, 'cores': logical CPUs}.
+
+  Args:
+    cpuinfo: the text of /proc/cpuinfo; None reads it (Linux), else falls back to `platform`.
+  """
+  if cpuinfo is None:
+    try:
+      with open("/proc/cpuinfo") as f:
+        cpuinfo = f.read()
+    except OSError:
+      cpuinfo = ""
+  fields, flags = {}, set()
+  for line in cpuinfo.splitlines():
+    key, _, value = line.partition(":")
+    key = key.strip()
+    if key in ("flags", "Features") and not flags:
+      flags = set(value.split())
+    elif key and key not in fields:
+      fields[key] = value.strip()
+  model = fields.get("model name", "") or platform.processor() or platform.machine()
+  if "cpu family" in fields:  # x86: the family and model tell generations of one brand apart
+    model += f" (family {fields['cpu family']}, model {fields.get('model', '?')})"
+  return {"model": model,
+          "vector_extensions": sorted(flags & set(VECTOR_EXTENSIONS)),
+          "cores": os.cpu_count()}
+
+
+def reset_peak_rss() -> bool:
+  """Resets this process's resident-memory high-water mark (Linux: /proc/self/clear_refs).
+
+  Returns:
+    False where that is not possible; `peak_rss_bytes` then reports the process-wide peak.
+  """
+  try:
+    with open("/proc/self/clear_refs", "w") as f:
+      f.write("5")
+    return True
+  except OSError:
+    return False
+
+
+def peak_rss_bytes() -> int:
+  """Peak resident memory since the last `reset_peak_rss` (VmHWM), or of the whole process."""
+  try:
+    with open("/proc/self/status") as f:
+      for line in f:
+        if line.startswith("VmHWM:"):
+          return int(line.split()[1]) * 1024  # kB
+  except OSError:
+    pass
+  return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux: KiB.

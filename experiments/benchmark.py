@@ -8,10 +8,14 @@ Measures, for freshly initialised variables and random inputs (weights do not ch
   * compile time of every function (lower + XLA compile), reported apart from the steady state;
   * achieved FLOP/s (XLA cost analysis, `summary.flops_per_image` for the sampler's parts)
     against this machine's measured float32 matmul peak, and the ratio to that FLOP floor;
-  * peak memory: on CPU the process's peak RSS (`ru_maxrss`, process-wide, so it only grows
-    from row to row) and XLA's own buffer estimate for the executable; on GPU/TPU the device's
-    `peak_bytes_in_use`.
-The same script runs on CPU and GPU unchanged.
+  * peak memory of each row: on CPU the process's resident high-water mark, reset before the
+    row (Linux; elsewhere the process-wide peak), and XLA's own buffer estimate for the
+    executable; on GPU/TPU the device's `peak_bytes_in_use`;
+  * the CPU model and its vector extensions (AVX2 and AVX-512 machines differ a lot);
+  * with `--compare-official PATH`, the speed-up and memory ratio of every row that the
+    official code's JSON (same schema, measured on this machine) also has.
+The same script runs on CPU and GPU unchanged. The default run measures inference at batch 32
+and batch 1 (latency) and both training stages at batch 32.
 
 Usage (the default config is the paper's HAM10000 setting: 224 px, ResNet-50 DCG trunks,
 ResNet-18 ρ(x), F=6144, T=1000, C=7):
@@ -26,15 +30,16 @@ ResNet-18 ρ(x), F=6144, T=1000, C=7):
   python experiments/benchmark.py --config configs/demo.py --samplers official_truncated:100,full:0
   # overrides and JSON output
   python experiments/benchmark.py --config.model.dtype=bfloat16 --json /tmp/bench.json
+  # speed-ups against the official code timed on this machine (a JSON in this schema)
+  python experiments/benchmark.py --compare-official official.json
 
 `--samplers` entries are NAME:STEPS with NAME one of official_truncated | full | respaced
 (STEPS is ignored by 'full', which always runs T steps). Rows are measured in the order
-inference (by batch size) then training, so the process-wide peak RSS of a row also covers
-every row before it.
+inference (by batch size) then training.
 """
 
+import json
 import os
-import resource
 import statistics
 import sys
 import time
@@ -54,6 +59,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from diffmic_jax import diffusion
+from diffmic_jax import errors
+from diffmic_jax import files
 from diffmic_jax import host
 from diffmic_jax import models as models_lib
 from diffmic_jax import sampler
@@ -66,10 +73,9 @@ from diffmic_jax import train_state
 _CONFIG = config_flags.DEFINE_config_file(
     "config", os.path.join(_REPO, "configs", "ham10000.py"),
     "Experiment config (default: the paper's HAM10000 configuration).", lock_config=True)
-_BATCH = flags.DEFINE_list("batch-size", ["32"], "Global batch size(s) for inference and "
-                           "training, comma separated (e.g. 32,1).")
-_TRAIN_BATCH = flags.DEFINE_list("train-batch-size", None,
-                                 "Batch size(s) for training; default: --batch-size.")
+_BATCH = flags.DEFINE_list("batch-size", ["32", "1"], "Global batch size(s) for inference, comma "
+                           "separated (batch 1 gives the latency per image).")
+_TRAIN_BATCH = flags.DEFINE_list("train-batch-size", ["32"], "Global batch size(s) for training.")
 _ONLY = flags.DEFINE_enum("only", None, ["inference", "training"], "Measure only this part.")
 _SAMPLERS = flags.DEFINE_list(
     "samplers", ["official_truncated:60", "official_truncated:100", "official_truncated:250",
@@ -84,20 +90,64 @@ _TUNE_MALLOC = flags.DEFINE_bool("tune-malloc", True,
                                  "CPU: keep glibc from unmapping XLA's big buffers after every "
                                  "call (host.tune_cpu_malloc).")
 _FLOPS = flags.DEFINE_bool("flops", True, "Count FLOPs with XLA's cost analysis.")
+_COMPARE = flags.DEFINE_string(
+    "compare-official", None, "JSON of the official code's timings in this script's schema, "
+    "measured on this machine: adds speed-up and memory-ratio columns.")
 
-# Official PyTorch images/s on this kind of 2-core CPU (shared/spec/PERF_ANCHOR.md), paper
-# configuration. Keys: ('inference', sampler, steps, batch) or ('training', stage, batch).
-OFFICIAL = {
-    ("inference", "official_truncated", 60, 32): 0.302,
-    ("inference", "official_truncated", 100, 32): 0.181,
-    ("inference", "official_truncated", 250, 32): 0.078,
-    ("inference", "official_truncated", 60, 1): 0.226,
-    ("inference", "official_truncated", 100, 1): 0.132,
-    ("inference", "official_truncated", 250, 1): 0.055,
-    ("training", "warmup", 32): 2.48,
-    ("training", "joint", 32): 0.857,
-    ("training", "joint", 64): 0.627,
-}
+
+def row_key(kind: str, row: dict) -> tuple:
+  """What makes two rows comparable: ('inference', sampler, steps, batch) or
+  ('training', stage, batch)."""
+  if kind == "inference":
+    return (kind, row["sampler"], int(row["steps"]), int(row["batch"]))
+  return (kind, row["stage"], int(row["batch"]))
+
+
+def load_official(path: str) -> dict:
+  """The official timings of `path` (this script's JSON schema) by `row_key`.
+
+  Returns:
+    {'cpu': the CPU it was measured on (or None), 'rows': {row_key: row}}.
+
+  Raises:
+    errors.UserError: the file is missing, not JSON, or has no rows in this schema.
+  """
+  try:
+    with open(path) as f:
+      content = json.load(f)
+  except OSError as e:
+    raise errors.UserError(f"--compare-official {path}: cannot read it ({e.strerror})") from e
+  except ValueError as e:
+    raise errors.UserError(f"--compare-official {path}: not valid JSON ({e})") from e
+  rows = {}
+  try:
+    for kind in ("inference", "training"):
+      for row in content.get(kind, []):
+        if not row["images_per_s"] > 0:
+          raise ValueError(f"images_per_s={row['images_per_s']!r}")
+        rows[row_key(kind, row)] = row
+  except (KeyError, TypeError, ValueError, AttributeError) as e:
+    raise errors.UserError(
+        f"--compare-official {path}: expected this benchmark's JSON schema ('inference' rows "
+        "with sampler, steps, batch, images_per_s > 0; 'training' rows with stage, batch, "
+        f"images_per_s > 0); {type(e).__name__}: {e}") from e
+  if not rows:
+    raise errors.UserError(f"--compare-official {path}: no 'inference' or 'training' rows")
+  return {"cpu": content.get("cpu"), "rows": rows}
+
+
+def add_comparison(result: dict, official: dict) -> None:
+  """Adds 'official_images_per_s', 'speedup' and 'memory_ratio' (ours / official peak memory)
+  to every row of `result` that `official` (from `load_official`) also measured."""
+  for kind in ("inference", "training"):
+    for row in result[kind]:
+      theirs = official["rows"].get(row_key(kind, row))
+      if theirs is None:
+        continue
+      row["official_images_per_s"] = theirs["images_per_s"]
+      row["speedup"] = row["images_per_s"] / theirs["images_per_s"]
+      if theirs.get("peak_memory_bytes") and row.get("peak_memory_bytes"):
+        row["memory_ratio"] = row["peak_memory_bytes"] / theirs["peak_memory_bytes"]
 
 
 def _is_paper_config(config) -> bool:
@@ -115,13 +165,14 @@ def _device_name() -> str:
 
 
 def peak_memory_bytes() -> int:
-  """Peak memory so far: device peak_bytes_in_use on accelerators, process peak RSS on CPU."""
+  """Peak memory: device peak_bytes_in_use on accelerators; on CPU the resident high-water
+  mark since `host.reset_peak_rss` (called before each row)."""
   device = jax.devices()[0]
   if device.platform != "cpu":
     stats = device.memory_stats() or {}
     if "peak_bytes_in_use" in stats:
       return int(stats["peak_bytes_in_use"])
-  return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux: KiB.
+  return host.peak_rss_bytes()
 
 
 def _xla_memory_bytes(compiled) -> int | None:
@@ -192,6 +243,7 @@ def benchmark_inference(models, variables, mesh, samplers, batches, repeats, flo
     images = _random_batch(jax.random.fold_in(key, batch), batch, image_size,
                            models.num_classes, mesh)["image"]
     for name, steps in samplers:
+      host.reset_peak_rss()
       fn = sampler.make_sample_fn(models, name, steps)
       start = time.perf_counter()
       compiled = fn.lower(variables, images, key).compile()
@@ -224,6 +276,7 @@ def benchmark_training(models, config, mesh, stages, batches, repeats, want_flop
     batch_arrays = _random_batch(jax.random.PRNGKey(batch), batch, config.data.image_size,
                                  models.num_classes, mesh)
     for stage in stages:
+      host.reset_peak_rss()
       state = train_state.create_train_state(models, config, guidance_tx, denoiser_tx,
                                        jax.random.PRNGKey(config.seed), load_pretrained=False)
       state = sharding.replicate(state, mesh)
@@ -269,28 +322,28 @@ def _fmt(value, spec):
   return "" if value is None else format(value, spec)
 
 
-def format_table(result: dict, paper: bool) -> str:
-  """A Markdown table of every row."""
+def format_table(result: dict) -> str:
+  """A Markdown table of every row (speed-up columns where `add_comparison` filled them)."""
   peak = result["matmul_peak_gflops"]
   head = ("| what | batch | compile s | s/batch (median) | images/s | s/image | GFLOP/image | "
-          "achieved GFLOP/s | × FLOP floor | peak mem GB | official images/s | speedup |")
+          "achieved GFLOP/s | × FLOP floor | peak mem GB | official images/s | speedup | "
+          "memory vs official |")
   lines = [head, "|" + "---|" * (head.count("|") - 1)]
-  rows = [("inference", r, f"{r['sampler']} {r['steps']} steps", r["seconds_per_batch"],
-           ("inference", r["sampler"], r["steps"], r["batch"])) for r in result["inference"]]
-  rows += [("training", r, f"{r['stage']} step", r["seconds_per_step"],
-            ("training", r["stage"], r["batch"])) for r in result["training"]]
-  for _, r, what, seconds, key in rows:
+  rows = [(r, f"{r['sampler']} {r['steps']} steps", r["seconds_per_batch"])
+          for r in result["inference"]]
+  rows += [(r, f"{r['stage']} step", r["seconds_per_step"]) for r in result["training"]]
+  for r, what, seconds in rows:
     gflop = r.get("gflop_per_image")
     achieved = gflop * r["images_per_s"] if gflop else None
     floor = (1 / r["images_per_s"]) / (gflop / peak) if gflop else None
-    official = OFFICIAL.get(key) if paper else None
-    speedup = r["images_per_s"] / official if official else None
+    speedup = r.get("speedup")
     lines.append(
         f"| {what} | {r['batch']} | {r['compile_s']:.1f} | {seconds:.3g} | "
         f"{r['images_per_s']:.3g} | {1 / r['images_per_s']:.3g} | "
         f"{_fmt(gflop, '.3g')} | {_fmt(achieved, '.3g')} | {_fmt(floor, '.2f')} | "
-        f"{r['peak_memory_bytes'] / 1e9:.1f} | {_fmt(official, '.3g')} | "
-        f"{_fmt(speedup, '.1f') + '×' if speedup else ''} |")
+        f"{r['peak_memory_bytes'] / 1e9:.1f} | {_fmt(r.get('official_images_per_s'), '.3g')} | "
+        f"{_fmt(speedup, '.2f') + '×' if speedup else ''} | "
+        f"{_fmt(r.get('memory_ratio'), '.2f')} |")
   return "\n".join(lines)
 
 
@@ -302,13 +355,15 @@ def run(config, batches, train_batches, only, sampler_entries, stages, repeats,
     if b % mesh.size:
       raise ValueError(f"batch size {b} must be divisible by the {mesh.size} devices")
   models = models_lib.create_models(config)
-  result = {"device": _device_name(), "config": {
+  result = {"device": _device_name(), "cpu": host.cpu_description(), "config": {
       "image_size": config.data.image_size, "num_classes": models.num_classes,
       "guidance_backbone": config.guidance.backbone, "encoder": config.model.encoder,
       "feature_dim": config.model.feature_dim, "timesteps": models.num_timesteps,
       "dtype": config.model.dtype, "conv_impl": config.model.conv_impl},
             "jax_version": jax.__version__, "load_average": os.getloadavg()}
-  print(f"device: {result['device']}; config: {result['config']}", flush=True)
+  print(f"device: {result['device']}; CPU: {result['cpu']['model']}, "
+        f"{result['cpu']['cores']} logical cores, {' '.join(result['cpu']['vector_extensions'])}; "
+        f"config: {result['config']}", flush=True)
   result["matmul_peak_gflops"] = matmul_peak_gflops(matmul_size, matmul_repeats)
   print(f"float32 matmul peak ({matmul_size}²): {result['matmul_peak_gflops']:.1f} GFLOP/s",
         flush=True)
@@ -341,13 +396,16 @@ def run(config, batches, train_batches, only, sampler_entries, stages, repeats,
     result["compile_s"][f"sample {r['sampler']}:{r['steps']} batch {r['batch']}"] = r["compile_s"]
   for r in result["training"]:
     result["compile_s"][f"{r['stage']} step batch {r['batch']}"] = r["compile_s"]
-  result["peak_memory_bytes"] = peak_memory_bytes()
   result["load_average_end"] = os.getloadavg()
   return result
 
 
 def main(argv):
   del argv
+  try:
+    official = load_official(_COMPARE.value) if _COMPARE.value else None
+  except errors.UserError as e:
+    sys.exit(f"error: {e}")
   config = _CONFIG.value
   if _TUNE_MALLOC.value:  # before the first JAX computation; harmless off CPU.
     host.tune_cpu_malloc()
@@ -358,15 +416,19 @@ def main(argv):
   result = run(config, batches, train_batches, _ONLY.value, _SAMPLERS.value, _STAGES.value,
                _REPEATS.value, _MATMUL_SIZE.value, _MATMUL_REPEATS.value, _FLOPS.value)
   paper = _is_paper_config(config)
+  if official:
+    add_comparison(result, official)
+    result["official_cpu"] = official["cpu"]
+    if official["cpu"] and official["cpu"].get("model") != result["cpu"]["model"]:
+      print(f"WARNING: the official timings come from {official['cpu'].get('model')!r}, this is "
+            f"{result['cpu']['model']!r}: speed-ups compare different machines")
   print(f"\nload average at start {result['load_average']}, at end {result['load_average_end']}")
   print(f"matmul peak {result['matmul_peak_gflops']:.1f} GFLOP/s; "
         f"{'paper configuration' if paper else 'not the paper configuration'}; "
         f"median of {_REPEATS.value} calls after compile + 1 call\n")
-  print(format_table(result, paper), flush=True)
+  print(format_table(result), flush=True)
   if _JSON.value:
-    import json  # pylint: disable=g-import-not-at-top
-    with open(_JSON.value, "w") as f:
-      json.dump(result, f, indent=2, default=float)
+    files.write_json(_JSON.value, result, indent=2, default=float)
     print(f"\nwrote {_JSON.value}")
 
 

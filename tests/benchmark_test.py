@@ -1,0 +1,118 @@
+"""experiments/benchmark.py's comparison with the official code's JSON, and the host probes
+it reports (CPU kind, per-row peak memory)."""
+
+import json
+import os
+import subprocess
+import sys
+import warnings
+
+import numpy as np
+import pytest
+
+from diffmic_jax import errors
+from diffmic_jax import host
+from tests import conftest
+
+sys.path.insert(0, os.path.join(conftest.REPO, "experiments"))
+with warnings.catch_warnings():  # ml_collections loads the default --config with load_module()
+  warnings.simplefilter("ignore", DeprecationWarning)
+  import benchmark  # pylint: disable=g-import-not-at-top,wrong-import-position
+
+_OFFICIAL = {
+    "cpu": {"model": "Some CPU"},
+    "inference": [{"sampler": "official_truncated", "steps": 100, "batch": 32,
+                   "images_per_s": 0.5, "peak_memory_bytes": 4e9},
+                  {"sampler": "official_truncated", "steps": 100, "batch": 1,
+                   "images_per_s": 0.2}],
+    "training": [{"stage": "joint", "batch": 32, "images_per_s": 2.0,
+                  "peak_memory_bytes": 10e9}],
+}
+
+
+def _ours():
+  return {"inference": [
+      {"sampler": "official_truncated", "steps": 100, "batch": 32, "images_per_s": 7.5,
+       "peak_memory_bytes": 3e9},
+      {"sampler": "official_truncated", "steps": 60, "batch": 32, "images_per_s": 9.0,
+       "peak_memory_bytes": 3e9}],
+      "training": [{"stage": "joint", "batch": 32, "images_per_s": 3.0,
+                    "peak_memory_bytes": 8e9},
+                   {"stage": "warmup", "batch": 32, "images_per_s": 5.0,
+                    "peak_memory_bytes": 6e9}]}
+
+
+def test_speedups_are_computed_for_matching_rows_only(tmp_path):
+  path = tmp_path / "official.json"
+  path.write_text(json.dumps(_OFFICIAL))
+  result = _ours()
+  benchmark.add_comparison(result, benchmark.load_official(str(path)))
+  inference, training = result["inference"], result["training"]
+  assert inference[0]["speedup"] == pytest.approx(15.0)
+  assert inference[0]["memory_ratio"] == pytest.approx(0.75)
+  assert "speedup" not in inference[1]  # the official JSON has no 60-step row
+  assert training[0]["speedup"] == pytest.approx(1.5)
+  assert training[0]["memory_ratio"] == pytest.approx(0.8)
+  assert "speedup" not in training[1]
+  table = benchmark.format_table({"matmul_peak_gflops": 100.0, **_with_times(result)})
+  assert "| 15.00× | 0.75 |" in table and "| 1.50× | 0.80 |" in table
+
+
+def _with_times(result):
+  for row in result["inference"]:
+    row.update(compile_s=1.0, seconds_per_batch=row["batch"] / row["images_per_s"])
+  for row in result["training"]:
+    row.update(compile_s=1.0, seconds_per_step=row["batch"] / row["images_per_s"])
+  return result
+
+
+@pytest.mark.parametrize("content, message", [
+    (None, "cannot read it"),
+    ("{not json", "not valid JSON"),
+    (json.dumps({"inference": [{"sampler": "official_truncated", "batch": 32,
+                                "images_per_s": 1.0}]}), "KeyError: 'steps'"),
+    (json.dumps({"training": [{"stage": "joint", "batch": 32, "images_per_s": 0}]}),
+     "images_per_s=0"),
+    (json.dumps({"device": "cpu"}), "no 'inference' or 'training' rows"),
+])
+def test_a_bad_official_json_is_refused_naming_the_file(tmp_path, content, message):
+  path = tmp_path / "official.json"
+  if content is not None:
+    path.write_text(content)
+  with pytest.raises(errors.UserError, match=message) as raised:
+    benchmark.load_official(str(path))
+  assert str(path) in str(raised.value)
+
+
+def test_the_cli_refuses_a_bad_official_json_in_one_line(tmp_path):
+  proc = subprocess.run([sys.executable, "experiments/benchmark.py", "--compare-official",
+                         str(tmp_path / "missing.json")], cwd=conftest.REPO,
+                        capture_output=True, text=True, timeout=120, check=False)
+  assert proc.returncode == 1
+  assert proc.stderr.strip().splitlines() == [
+      f"error: --compare-official {tmp_path / 'missing.json'}: cannot read it "
+      "(No such file or directory)"]
+
+
+def test_cpu_description_reads_model_and_vector_extensions():
+  cpuinfo = ("processor\t: 0\nvendor_id\t: GenuineIntel\ncpu family\t: 6\nmodel\t\t: 143\n"
+             "model name\t: Intel(R) Xeon(R) Platinum 8481C\n"
+             "flags\t\t: fpu sse4_2 avx avx2 fma avx512f avx512bw avx512_bf16 amx_tile\n\n"
+             "processor\t: 1\nmodel name\t: Intel(R) Xeon(R) Platinum 8481C\n")
+  cpu = host.cpu_description(cpuinfo)
+  assert cpu["model"] == "Intel(R) Xeon(R) Platinum 8481C (family 6, model 143)"
+  assert cpu["vector_extensions"] == ["amx_tile", "avx", "avx2", "avx512_bf16", "avx512bw",
+                                      "avx512f", "fma", "sse4_2"]
+  assert host.cpu_description("")["vector_extensions"] == []
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/clear_refs"), reason="Linux only")
+def test_peak_memory_is_reset_per_row():
+  host.reset_peak_rss()
+  before = host.peak_rss_bytes()
+  block = np.ones(64 * 2**20 // 8)  # 64 MiB, touched
+  grown = host.peak_rss_bytes()
+  del block
+  assert grown - before > 48 * 2**20
+  assert host.reset_peak_rss()
+  assert host.peak_rss_bytes() < grown - 48 * 2**20
