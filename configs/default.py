@@ -78,7 +78,7 @@ def get_config() -> ml_collections.ConfigDict:
   # rather than copy the guidance; 0 = off (official).
   model.cond_dropout = 0.0
   model.dtype = "float32"  # compute dtype: float32 | bfloat16 (params, stats stay float32).
-  model.conv_impl = "auto"  # auto | xla | im2col: conv weight-gradient formulation (CPU speed).
+  model.conv_impl = "auto"  # auto | xla | im2col | patches: convolution formulation (CPU speed).
   model.bn_running_var = "unbiased"  # unbiased (PyTorch parity) | biased (Flax default).
 
   # CARD diffusion, REFERENCE.md §5.

@@ -38,7 +38,11 @@ _DIMENSION_NUMBERS = ("NHWC", "HWIO", "NHWC")
 # 7x7 stem seven 34 MB ones instead of one 236 MB patch matrix.
 _CHUNK_BYTES = 64 * 1024 * 1024
 
-_IMPLS = ("auto", "xla", "im2col")
+_IMPLS = ("auto", "xla", "im2col", "patches")
+
+# 'auto' on CPU computes a k x k (k > 1) convolution with at most this many output pixels
+# per image as one patch matmul (`_patches_conv`); see `_cpu_patches_win`.
+_PATCHES_MAX_OUTPUT_PIXELS = 4
 
 
 def _xla_conv(x, kernel, strides, padding):
@@ -65,6 +69,14 @@ def _kernel_grad(x, dy, kernel_shape, strides, padding):
   sh, sw = strides
   b, ho, wo, _ = dy.shape
   n = b * ho * wo
+  if kh == kw == 1 and not any(p for pair in padding for p in pair):
+    # One matmul over the pixels, x [N, Ci]ᵀ @ dy [N, Co], with no transpose of x: inside a
+    # training step XLA fused the producer of x (BatchNorm + residual + ReLU, recomputed) into
+    # the transpose below and ran it in transposed order, 0.3-0.7 s per ResNet-50 layer at
+    # batch 32; without it the DCG warm-up step went from 27.9 to 20.7 s on one Zen 4 core.
+    xs = x[:, ::sh, ::sw][:, :ho, :wo]
+    return lax.dot_general(xs.reshape(n, ci), dy.reshape(n, co), (((0,), (0,)), ((), ())),
+                           preferred_element_type=jnp.float32).reshape(1, 1, ci, co)
   # Taps only read rows [0, (Ho - 1) * sh + kh) of the padded input; pad (or
   # crop) to exactly that, rounded up to a multiple of the stride.
   hp = -(-((ho - 1) * sh + kh) // sh) * sh
@@ -118,6 +130,26 @@ def _kernel_grad(x, dy, kernel_shape, strides, padding):
   return dk.reshape(kh, kw, ci, co)
 
 
+def _patches_conv(x, kernel, strides, padding):
+  """The convolution as one matmul of its patch matrix, gradients by autodiff.
+
+  cols [B·Ho·Wo, kh·kw·Ci] (the tap windows concatenated along channels) @ kernel
+  [kh·kw·Ci, Co], accumulated in float32. Cheap only where the patch matrix is small, i.e.
+  at a few output pixels, which is exactly where XLA's CPU convolution is slowest.
+  """
+  kh, kw, ci, co = kernel.shape
+  sh, sw = strides
+  b = x.shape[0]
+  xp = jnp.pad(x, ((0, 0), padding[0], padding[1], (0, 0)))
+  ho = (xp.shape[1] - kh) // sh + 1
+  wo = (xp.shape[2] - kw) // sw + 1
+  taps = [lax.slice(xp, (0, i, j, 0), (b, i + sh * (ho - 1) + 1, j + sw * (wo - 1) + 1, ci),
+                    (1, sh, sw, 1)) for i in range(kh) for j in range(kw)]
+  cols = jnp.concatenate(taps, axis=-1).reshape(b * ho * wo, kh * kw * ci)
+  y = jnp.matmul(cols, kernel.reshape(kh * kw * ci, co), preferred_element_type=jnp.float32)
+  return y.astype(x.dtype).reshape(b, ho, wo, co)
+
+
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
 def _im2col_conv(x, kernel, strides, padding):
   return _xla_conv(x, kernel, strides, padding)
@@ -164,17 +196,37 @@ def _cpu_im2col_wins(kernel_shape, strides):
   return kh == 1 and kw == 1
 
 
-def resolve_impl(impl="auto", kernel_shape=None, strides=(1, 1)):
+def _cpu_patches_win(kernel_shape, output_pixels):
+  """Whether the patch matmul beat XLA's convolution for this layer on CPU.
+
+  XLA's CPU convolution (jax 0.10) falls off its fast path when the output has a handful of
+  pixels: the DCG's local ResNet-50 runs on 32 px crops, so its layer 3 and 4 3x3 convolutions
+  have 2x2 and 1x1 outputs, and there XLA took 117-266 ms for the forward pass of a batch of
+  192 crops (about 1-4 GFLOP/s), the patch matmul 5-10 ms; forward + backward 100-500 ms
+  against 15-30 ms (experiments/README.md, "CPU convolutions"). From 4x4 outputs on XLA is as
+  fast or faster, and 1x1 kernels are plain matmuls already.
+
+  Args:
+    kernel_shape: (kh, kw, Ci, Co).
+    output_pixels: Ho·Wo, or None when unknown.
+  """
+  kh, kw, _, _ = kernel_shape
+  return (output_pixels is not None and kh * kw > 1
+          and output_pixels <= _PATCHES_MAX_OUTPUT_PIXELS)
+
+
+def resolve_impl(impl="auto", kernel_shape=None, strides=(1, 1), output_pixels=None):
   """Maps 'auto' to the implementation used on the current default backend.
 
   Args:
-    impl: 'auto', 'xla' or 'im2col'.
+    impl: 'auto', 'xla', 'im2col' or 'patches'.
     kernel_shape: optional (kh, kw, Ci, Co); with it, 'auto' on CPU picks
       per layer shape, without it it names the CPU default ('im2col').
     strides: (sh, sw), used with kernel_shape.
+    output_pixels: Ho·Wo of one image, used with kernel_shape.
 
   Returns:
-    'xla' or 'im2col'.
+    'xla', 'im2col' or 'patches'.
   """
   if impl not in _IMPLS:
     raise ValueError(f"impl must be one of {_IMPLS}, got {impl!r}")
@@ -182,6 +234,8 @@ def resolve_impl(impl="auto", kernel_shape=None, strides=(1, 1)):
     return impl
   if jax.default_backend() != "cpu":
     return "xla"
+  if kernel_shape is not None and _cpu_patches_win(kernel_shape, output_pixels):
+    return "patches"
   if kernel_shape is None or _cpu_im2col_wins(kernel_shape, strides):
     return "im2col"
   return "xla"
@@ -201,9 +255,11 @@ def conv2d(x, kernel, strides=(1, 1), padding=((0, 0), (0, 0)), impl="auto"):
     strides: (sh, sw).
     padding: ((top, bottom), (left, right)), non-negative ints.
     impl: 'xla' (plain lax conv), 'im2col' (XLA forward and d_input, matmul
-      d_kernel accumulated in float32), or 'auto' (on CPU 'im2col' for the
-      layer shapes where it measured faster, see `_cpu_im2col_wins`, and
-      'xla' for the rest; 'xla' on every other backend).
+      d_kernel accumulated in float32), 'patches' (one patch matmul, for layers
+      with few output pixels), or 'auto' (on CPU 'patches' or 'im2col' for the
+      layer shapes where they measured faster, see `_cpu_patches_win` and
+      `_cpu_im2col_wins`, and 'xla' for the rest; 'xla' on every other
+      backend).
 
   Returns:
     [B, H', W', Co] with H' = (H + top + bottom - kh) // sh + 1, same for W'.
@@ -212,8 +268,13 @@ def conv2d(x, kernel, strides=(1, 1), padding=((0, 0), (0, 0)), impl="auto"):
   padding = tuple((int(lo), int(hi)) for lo, hi in padding)
   if any(p < 0 for pair in padding for p in pair):
     raise ValueError(f"padding must be non-negative, got {padding}")
-  if resolve_impl(impl, kernel.shape, strides) == "xla":
+  ho = (x.shape[1] + sum(padding[0]) - kernel.shape[0]) // strides[0] + 1
+  wo = (x.shape[2] + sum(padding[1]) - kernel.shape[1]) // strides[1] + 1
+  chosen = resolve_impl(impl, kernel.shape, strides, ho * wo)
+  if chosen == "xla":
     return _xla_conv(x, kernel, strides, padding)
+  if chosen == "patches":
+    return _patches_conv(x, kernel, strides, padding)
   return _im2col_conv(x, kernel, strides, padding)
 
 
