@@ -1,4 +1,4 @@
-"""2-D convolution whose backward pass is fast on CPU.
+"""2-D convolution (and max pooling, at the end) whose backward pass is fast on CPU.
 
 XLA's CPU backend computes the convolution kernel gradient (d_kernel) of 1x1
 convolutions at 2-30 GFLOP/s on the 2-core Zen 3 dev machine, against ~150
@@ -296,3 +296,85 @@ def conv_flops(x_shape, kernel_shape, strides, padding):
   wo = (w + sum(padding[1]) - kw) // strides[1] + 1
   return 2 * b * ho * wo * kh * kw * ci * co
 
+
+
+# ----------------------------------------------------------------------------- max pooling
+
+
+def _pool_taps(xp, window, strides, out_hw):
+  """The kh·kw strided windows of padded xp [B, Hp, Wp, C], each [B, Ho, Wo, C], in
+  row-major window order."""
+  (kh, kw), (sh, sw), (ho, wo) = window, strides, out_hw
+  b, _, _, c = xp.shape
+  return [lax.slice(xp, (0, i, j, 0), (b, i + sh * (ho - 1) + 1, j + sw * (wo - 1) + 1, c),
+                    (1, sh, sw, 1)) for i in range(kh) for j in range(kw)]
+
+
+def _pool_geometry(x_shape, window, strides, padding):
+  hp = x_shape[1] + sum(padding[0])
+  wp = x_shape[2] + sum(padding[1])
+  return (hp, wp), ((hp - window[0]) // strides[0] + 1, (wp - window[1]) // strides[1] + 1)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1, 2, 3))
+def _taps_max_pool(x, window, strides, padding):
+  xp = jnp.pad(x, ((0, 0), padding[0], padding[1], (0, 0)), constant_values=-jnp.inf)
+  _, out_hw = _pool_geometry(x.shape, window, strides, padding)
+  return functools.reduce(jnp.maximum, _pool_taps(xp, window, strides, out_hw))
+
+
+def _taps_max_pool_fwd(x, window, strides, padding):
+  y = _taps_max_pool(x, window, strides, padding)
+  return y, (x, y)
+
+
+def _taps_max_pool_bwd(window, strides, padding, residuals, dy):
+  """Routes each output's gradient to the first maximum of its window (row-major order),
+  as XLA's select-and-scatter for max pooling does."""
+  x, y = residuals
+  (hp, wp), (ho, wo) = _pool_geometry(x.shape, window, strides, padding)
+  xp = jnp.pad(x, ((0, 0), padding[0], padding[1], (0, 0)), constant_values=-jnp.inf)
+  kw, (sh, sw) = window[1], strides
+  taken = jnp.zeros(y.shape, bool)
+  dxp = jnp.zeros(xp.shape, dy.dtype)
+  zero = jnp.zeros((), dy.dtype)
+  for k, tap in enumerate(_pool_taps(xp, window, strides, (ho, wo))):
+    i, j = divmod(k, kw)
+    first = (tap == y) & ~taken
+    taken = taken | first
+    # Place tap k's share back at its input positions: offset (i, j), stride (sh, sw).
+    dxp = dxp + lax.pad(jnp.where(first, dy, zero), zero,
+                        ((0, 0, 0), (i, hp - i - sh * (ho - 1) - 1, sh - 1),
+                         (j, wp - j - sw * (wo - 1) - 1, sw - 1), (0, 0, 0)))
+  top, left = padding[0][0], padding[1][0]
+  return (dxp[:, top:top + x.shape[1], left:left + x.shape[2]],)
+
+
+_taps_max_pool.defvjp(_taps_max_pool_fwd, _taps_max_pool_bwd)
+
+
+def max_pool(x, window=(3, 3), strides=(2, 2), padding=((1, 1), (1, 1)), impl="auto"):
+  """Max pooling of NHWC x with -inf padding (torch MaxPool2d), fast backward on CPU.
+
+  Equal to `flax.linen.max_pool` in value and gradient (the gradient goes to the first
+  maximum of each window). XLA's CPU gradient of a reduce-window max builds index (iota)
+  buffers and a select-and-scatter: 1.6 s of a 25 s ResNet-50 joint training step at batch
+  32 on one core. 'taps' takes the maximum of the kh·kw strided windows and routes the
+  gradient with one masked pad per window instead. 'auto' is 'taps' on CPU (any impl other
+  than 'xla' is, so `model.conv_impl` can be passed through), XLA's elsewhere.
+
+  Args:
+    x: [B, H, W, C].
+    window, strides: (kh, kw), (sh, sw).
+    padding: ((top, bottom), (left, right)).
+    impl: 'auto', 'xla' or any `conv2d` impl (meaning 'taps').
+
+  Returns:
+    [B, Ho, Wo, C].
+  """
+  window, strides = tuple(window), tuple(strides)
+  padding = tuple((int(lo), int(hi)) for lo, hi in padding)
+  if resolve_impl(impl) == "xla":
+    return lax.reduce_window(x, -jnp.inf, lax.max, (1,) + window + (1,), (1,) + strides + (1,),
+                             ((0, 0),) + padding + ((0, 0),))
+  return _taps_max_pool(x, window, strides, padding)

@@ -10,6 +10,7 @@ from typing import Any, Sequence
 import flax.linen as nn
 import jax.numpy as jnp
 
+from diffmic_jax import fast_conv
 from diffmic_jax import layers
 
 # name -> (stage sizes, block kind); block kinds: 'basic' (expansion 1), 'bottleneck' (4).
@@ -100,7 +101,7 @@ class ResNet(nn.Module):
     x = layers.BatchNorm(dtype=self.dtype, name="bn1", **dict(bn_kwargs))(x, train)
     x = nn.relu(x)
     # torch MaxPool2d(3, 2, padding=1) pads with -inf.
-    x = nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
+    x = fast_conv.max_pool(x, (3, 3), (2, 2), ((1, 1), (1, 1)), impl=self.conv_impl)
     in_features = self.width
     for stage, num_blocks in enumerate(self.stage_sizes):
       features = self.width * 2**stage

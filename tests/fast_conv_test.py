@@ -209,3 +209,40 @@ def test_conv_flops():
                               ((1, 1), (1, 1))) == 2 * 32 * 56 * 56 * 9 * 64 * 64
   assert fast_conv.conv_flops((1, 224, 224, 3), (7, 7, 3, 64), (2, 2),
                               ((3, 3), (3, 3))) == 2 * 112 * 112 * 49 * 3 * 64
+
+
+def _flax_max_pool(x, window, strides, padding):
+  import flax.linen as nn  # pylint: disable=g-import-not-at-top
+  return nn.max_pool(x, window, strides=strides, padding=padding)
+
+
+@pytest.mark.parametrize("x_shape,window,strides,padding", [
+    ((2, 8, 8, 3), (3, 3), (2, 2), ((1, 1), (1, 1))),  # the ResNet stem
+    ((2, 7, 9, 2), (3, 3), (2, 2), ((1, 1), (1, 1))),  # odd sizes
+    ((1, 6, 6, 2), (2, 3), (1, 2), ((0, 1), (2, 0))),  # rectangular, asymmetric
+])
+@pytest.mark.parametrize("ties", [False, True])
+def test_max_pool_matches_flax(x_shape, window, strides, padding, ties):
+  x = jax.random.normal(jax.random.PRNGKey(0), x_shape)
+  if ties:  # post-ReLU zeros and repeated values: the gradient must pick the same element
+    x = jnp.round(jax.nn.relu(x) * 2) / 2
+  dy = jax.random.normal(jax.random.PRNGKey(1), _flax_max_pool(x, window, strides,
+                                                               padding).shape)
+  ours = lambda a: fast_conv.max_pool(a, window, strides, padding, impl="im2col")
+  y, vjp = jax.vjp(jax.jit(ours), x)
+  y_r, vjp_r = jax.vjp(lambda a: _flax_max_pool(a, window, strides, padding), x)
+  np.testing.assert_array_equal(y, y_r)
+  # Equal up to the order in which overlapping windows' shares are summed.
+  np.testing.assert_allclose(vjp(dy)[0], vjp_r(dy)[0], rtol=1e-6, atol=1e-6)
+  # vmap over an extra batch axis, and bfloat16.
+  xs = jnp.stack([x, -x])
+  np.testing.assert_array_equal(jax.vmap(ours)(xs),
+                                jax.vmap(lambda a: _flax_max_pool(a, window, strides,
+                                                                  padding))(xs))
+  xb = x.astype(jnp.bfloat16)
+  g = jax.grad(lambda a: jnp.sum(ours(a).astype(jnp.float32) * dy))(xb)
+  g_r = jax.grad(lambda a: jnp.sum(_flax_max_pool(a, window, strides, padding)
+                                   .astype(jnp.float32) * dy))(xb)
+  assert g.dtype == jnp.bfloat16
+  _assert_close(g, g_r, 1e-2, 1e-2)
+  assert fast_conv.resolve_impl("auto") != "xla" or jax.default_backend() != "cpu"
