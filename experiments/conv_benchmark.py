@@ -10,6 +10,8 @@ Usage:
   python experiments/conv_benchmark.py --batch 8 --reps 3
   python experiments/conv_benchmark.py --layers none        # train step only
   python experiments/conv_benchmark.py --malloc-tune        # host.tune_cpu_malloc
+  # the DCG's local ResNet-50 on 6 crops of 32 px per image, every impl
+  python experiments/conv_benchmark.py --layers local --impls xla,im2col,patches,auto
 """
 
 import argparse
@@ -28,13 +30,16 @@ def _parse_args(argv):
   p.add_argument("--batch", type=int, default=32)
   p.add_argument("--size", type=int, default=224, help="input side, pixels")
   p.add_argument("--reps", type=int, default=5, help="best of N timed calls")
-  p.add_argument("--layers", choices=("r18", "r50", "all", "none"),
-                 default="all")
+  p.add_argument("--layers", choices=("r18", "r50", "local", "all", "none"),
+                 default="all", help="'local': the DCG local ResNet-50 on its "
+                 "--local-crops crops of 32 px per image (batch x crops examples)")
+  p.add_argument("--local-crops", type=int, default=6)
   p.add_argument("--train-steps", type=int, default=3,
                  help="timed ResNet-18 train steps per impl (0 to skip)")
   p.add_argument("--dtype", choices=("float32", "bfloat16"),
                  default="float32")
-  p.add_argument("--impls", default="xla,im2col")
+  p.add_argument("--impls", default="xla,im2col",
+                 help="comma-separated fast_conv impls: xla, im2col, patches, auto")
   p.add_argument("--malloc-tune", action="store_true",
                  help="call host.tune_cpu_malloc() first (one arena, "
                  "no mmap/trim of big blocks)")
@@ -107,7 +112,11 @@ def _best_ms(fn, *args, reps):
 def bench_layers(args, impls, dtype):
   """Prints per-layer ms and GFLOP/s for forward, d_input, d_kernel, full."""
   key = jax.random.PRNGKey(0)
-  nets = {"all": ("r18", "r50"), "r18": ("r18",), "r50": ("r50",)}[args.layers]
+  nets = {"all": ("r18", "r50"), "r18": ("r18",), "r50": ("r50",),
+          "local": ("r50",)}[args.layers]
+  size, batch = args.size, args.batch
+  if args.layers == "local":  # the DCG's local net: K crops of 32 px per image
+    size, batch = 32, args.batch * args.local_crops
   hdr = (f"{'layer':22s} {'HxW':>7s} {'GFLOP':>6s} | "
          + " | ".join(f"{'fwd':>5s} {'dx':>5s} {'dk':>6s} {'full':>6s} ({im})"
                       for im in impls)
@@ -115,18 +124,18 @@ def bench_layers(args, impls, dtype):
   print(hdr)
   print("-" * len(hdr))
   total = {im: 0.0 for im in impls}
-  for name, h, ci, co, k, s, p, which in _layer_specs(args.size):
+  for name, h, ci, co, k, s, p, which in _layer_specs(size):
     if not any(n in which.split() for n in nets):
       continue
     kx, kw, ky = jax.random.split(jax.random.fold_in(key, h * ci + co), 3)
-    x = jax.random.normal(kx, (args.batch, h, h, ci), dtype)
+    x = jax.random.normal(kx, (batch, h, h, ci), dtype)
     w = (jax.random.normal(kw, (k, k, ci, co), jnp.float32)
          / np.sqrt(k * k * ci)).astype(dtype)
     strides, padding = (s, s), ((p, p), (p, p))
     flops = fast_conv.conv_flops(x.shape, w.shape, strides, padding)
     gflop = flops / 1e9
     ho = (h + 2 * p - k) // s + 1
-    dy = jax.random.normal(ky, (args.batch, ho, ho, co), dtype)
+    dy = jax.random.normal(ky, (batch, ho, ho, co), dtype)
     times = {}
     for im in impls:
       conv = lambda x_, w_, im=im: fast_conv.conv2d(x_, w_, strides, padding,
