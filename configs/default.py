@@ -32,7 +32,7 @@ def get_config() -> ml_collections.ConfigDict:
   data.vflip = False  # official: APTOS only.
   data.rotation_degrees = 30.0  # official: RandomRotation(30), bilinear, black fill.
   data.num_workers = 0  # grain worker processes; 0 = in-process (fastest on 2 cores).
-  data.class_balanced = False  # sample training examples with inverse class frequency.
+  data.class_balanced = False  # draw the classes in turn (equal counts), for long-tailed sets.
   data.skip_bad_images = False  # skip bad examples (listed in build_report.json), not fail.
   data.deduplicate = False  # drop duplicate images (and conflicting copies) before splitting.
   data.dedup_threshold = 8.0  # RMS of 16x16 grey thumbnails (0-255) for a duplicate; 0 = exact.

@@ -1,15 +1,21 @@
 """Input pipeline: datasets -> train/val/test sources -> Grain batches (the only Grain user).
 
-Sources hold uint8 images; batches are float32 ImageNet-normalised. Training batches are a pure
-function of (seed, global step): batch `s` of epoch `e` takes positions [s * G, (s + 1) * G) of
-epoch e's permutation (G = per-process batch x processes; each process its slice), and every
-example's augmentation is drawn from (seed, epoch, position). So the same seed gives the same
-batches with or without worker processes, and a resumed run continues mid-epoch exactly.
+Sources hold uint8 images; batches are float32 ImageNet-normalised. Training batches are built
+from grain's dataset operations: a source, grain's seeded global shuffle (reshuffled every
+epoch, the incomplete last global batch of an epoch dropped), a per-example random map for the
+augmentation and normalisation (each example's rng seeded from the seed and its position in the
+stream), batching, and sharding by process (process p of P takes the p-th of every P batches, so
+global batch s is positions [s * G, (s + 1) * G) of the stream, G = per-process batch x P), then
+read threads and optionally worker processes (`mp_prefetch`). So the same seed gives the same
+batches with or without worker processes and with any number of processes, and a resumed run
+continues mid-epoch exactly, from grain's own iterator state (see `TrainIterator`).
+
+The batches differ from those of the hand-written pipeline of commit 7231a5a and before (its own
+permutation and rng derivation), so runs made with it are reproduced only at that commit.
 """
 
 import json
 import logging
-import math
 import os
 from typing import Any, Iterator, NamedTuple
 
@@ -28,7 +34,6 @@ from diffmic_jax.datasets import splits as splits_lib
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
-_MAX_STEPS = 2 ** 62  # "endless": the training step index space
 _READ_THREADS = 2  # batches assembled concurrently in each process (Pillow releases the GIL)
 _PREFETCH = 2  # batches buffered ahead per process
 
@@ -293,59 +298,68 @@ def _source_labels(source) -> np.ndarray:
   return np.asarray(labels, np.int64)
 
 
-class _TrainBatch:
-  """Picklable map: global step -> this process's training batch (see module docstring)."""
+class _Augment:
+  """Picklable per-example random map: example -> augmented example (uint8)."""
 
-  def __init__(self, source, data_config, batch_size, seed, shard_index, num_shards):
-    if seed < 0:
-      raise ValueError(f"seed={seed}; expected a non-negative integer")
-    self.source = source
-    self.batch_size = batch_size
-    self.global_batch = batch_size * num_shards
-    self.offset = shard_index * batch_size
-    self.seed = seed
-    self.steps = steps_per_epoch(len(source), self.global_batch)
-    if self.steps == 0:
-      raise ValueError(f"the training split has {len(source)} examples, fewer than one global "
-                       f"batch of {self.global_batch}")
-    self.augment_kwargs = dict(hflip=bool(data_config.hflip), vflip=bool(data_config.vflip),
-                               rotation_degrees=float(data_config.rotation_degrees))
-    self.weights = None
-    if data_config.class_balanced:
-      labels = _source_labels(source)
-      self.weights = 1.0 / np.bincount(labels)[labels]
-      self.weights /= self.weights.sum()
-    self._cached = (-1, None)
+  def __init__(self, data_config: ml_collections.ConfigDict):
+    self.kwargs = dict(hflip=bool(data_config.hflip), vflip=bool(data_config.vflip),
+                       rotation_degrees=float(data_config.rotation_degrees))
 
-  def epoch_order(self, epoch: int) -> np.ndarray:
-    """[steps * global_batch] example indices of one epoch."""
-    cached_epoch, order = self._cached
-    if cached_epoch != epoch:
-      rng = np.random.default_rng([self.seed, epoch, 0])
-      n = self.steps * self.global_batch
-      if self.weights is None:
-        order = rng.permutation(len(self.source))[:n]
-      else:
-        order = rng.choice(len(self.source), size=n, p=self.weights)
-      self._cached = (epoch, order)
-    return order
-
-  def __call__(self, step: int) -> dict[str, np.ndarray]:
-    epoch, step_in_epoch = divmod(int(step), self.steps)
-    order = self.epoch_order(epoch)
-    images, labels = [], []
-    for j in range(self.batch_size):
-      position = step_in_epoch * self.global_batch + self.offset + j
-      example = self.source[int(order[position])]
-      rng = np.random.default_rng([self.seed, epoch, 1, position])
-      images.append(augment(example["image"], rng, **self.augment_kwargs))
-      labels.append(example["label"])
-    return {"image": normalise(np.stack(images)), "label": np.asarray(labels, np.int32)}
+  def __call__(self, example: dict[str, Any], rng: np.random.Generator) -> dict[str, Any]:
+    return {"image": augment(example["image"], rng, **self.kwargs),
+            "label": np.int32(example["label"])}
 
 
-def _iterate(map_fn, start: int, stop: int, num_workers: int) -> Iterator[dict[str, np.ndarray]]:
-  """Grain iterator over map_fn(start), ..., map_fn(stop - 1) in order."""
-  dataset = grain.MapDataset.range(start, stop).map(map_fn).to_iter_dataset(
+def _normalise_batch(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+  """Normalises a stacked uint8 batch: stacking uint8 moves a quarter of the bytes of float32."""
+  return {**batch, "image": normalise(batch["image"])}
+
+
+def _class_seed(seed: int, label: int) -> int:
+  """A 32-bit seed per (seed, class): unrelated shuffles for classes of equal size."""
+  return int(np.random.SeedSequence([seed, label]).generate_state(1, np.uint32)[0])
+
+
+def _example_stream(source, data_config, seed: int, examples_per_epoch: int) -> grain.MapDataset:
+  """The endless stream of training examples, before augmentation.
+
+  Uniform: epoch e is the first `examples_per_epoch` of grain's epoch-e global shuffle (index
+  shuffle seeded from (seed, e); the rest of the epoch is dropped). Class-balanced: grain's mix
+  with equal weights takes the C classes present in turn (stream position i has the
+  (i mod C)-th class in label order), each class cycling through its own examples, reshuffled
+  every cycle. So every global batch holds the classes equally (up to one), and an example
+  returns once per cycle of its class: a minority example often, a majority one less than once
+  per epoch. (Before the grain pipeline, examples were drawn with replacement with probability
+  proportional to 1 / class count: equal classes only in expectation.)
+  """
+  if not data_config.class_balanced:
+    shuffled = grain.MapDataset.source(source).seed(seed).shuffle()
+    return shuffled[:examples_per_epoch].repeat()
+  labels = _source_labels(source)
+  per_class = []
+  for label in np.unique(labels):  # a class absent from the split cannot be drawn
+    index = np.flatnonzero(labels == label)
+    subset = SubsetSource(source, index, labels[index], ids=[])
+    per_class.append(grain.MapDataset.source(subset).seed(_class_seed(seed, int(label)))
+                     .shuffle().repeat())
+  return grain.MapDataset.mix(per_class, weights=[1.0] * len(per_class))
+
+
+def _train_batches(source, data_config, batch_size: int, seed: int, shard_index: int,
+                   num_shards: int) -> grain.MapDataset:
+  """This process's endless training batches: global batch s, positions [s*G + p*B, +B)."""
+  global_batch = batch_size * num_shards
+  examples = _example_stream(source, data_config, seed,
+                             steps_per_epoch(len(source), global_batch) * global_batch)
+  # The augmentation rng of an example comes from (seed, its position in the stream).
+  augmented = examples.random_map(_Augment(data_config))
+  batches = augmented.batch(batch_size, drop_remainder=True)[shard_index::num_shards]
+  return batches.map(_normalise_batch)
+
+
+def _to_iterator(batches: grain.MapDataset, num_workers: int) -> grain.DatasetIterator:
+  """Grain iterator over the batches in order: read threads, then worker processes."""
+  dataset = batches.to_iter_dataset(
       grain.ReadOptions(num_threads=_READ_THREADS, prefetch_buffer_size=_PREFETCH))
   if num_workers > 0:
     if not flags.FLAGS.is_parsed():
@@ -358,56 +372,73 @@ def _iterate(map_fn, start: int, stop: int, num_workers: int) -> Iterator[dict[s
 class TrainIterator:
   """Endless iterator of training batches with a JSON-serialisable state.
 
-  State: {'step': number of batches returned so far, 'seed', 'batch_size', 'num_shards',
-  'shard_index'}; `set_state` restarts the Grain pipeline at that step.
+  State: {'step': global batches returned so far, 'seed', 'batch_size', 'shard_index',
+  'num_shards', 'num_workers', 'start': the step the grain dataset starts at, 'grain': grain's
+  own iterator state}. `set_state` restores grain's state when the layout (processes and
+  workers) is the one that saved it, and otherwise restarts the grain dataset at 'step'.
   """
 
-  def __init__(self, batch_fn: _TrainBatch, num_workers: int, shard_index: int,
+  def __init__(self, source, data_config, batch_size: int, seed: int, shard_index: int,
                num_shards: int):
-    self._batch_fn = batch_fn
-    self._num_workers = num_workers
-    self._shard = (shard_index, num_shards)
-    self._step = 0
+    if seed < 0:
+      raise ValueError(f"seed={seed}; expected a non-negative integer")
+    self._batches = _train_batches(source, data_config, batch_size, seed, shard_index,
+                                   num_shards)
+    self._layout = {"seed": seed, "batch_size": batch_size, "shard_index": shard_index,
+                    "num_shards": num_shards, "num_workers": int(data_config.num_workers)}
+    self.steps_per_epoch = steps_per_epoch(len(source), batch_size * num_shards)
+    if self.steps_per_epoch == 0:
+      raise ValueError(f"the training split has {len(source)} examples, fewer than one global "
+                       f"batch of {batch_size * num_shards}")
+    self._step = self._start = 0
     self._iterator = None
-
-  @property
-  def steps_per_epoch(self) -> int:
-    return self._batch_fn.steps
 
   def __iter__(self) -> "TrainIterator":
     return self
 
   def __next__(self) -> dict[str, np.ndarray]:
     if self._iterator is None:
-      self._iterator = _iterate(self._batch_fn, self._step, _MAX_STEPS, self._num_workers)
+      self._iterator = self._open(self._start)
     batch = next(self._iterator)
     self._step += 1
     return batch
 
-  def get_state(self) -> dict[str, int]:
-    return {"step": self._step, "seed": self._batch_fn.seed,
-            "batch_size": self._batch_fn.batch_size, "shard_index": self._shard[0],
-            "num_shards": self._shard[1]}
+  def _open(self, start: int) -> grain.DatasetIterator:
+    """A grain iterator whose first batch is global batch `start`."""
+    return _to_iterator(self._batches[start:] if start else self._batches,
+                        self._layout["num_workers"])
 
-  def set_state(self, state: dict[str, int]) -> None:
+  def get_state(self) -> dict[str, Any]:
+    grain_state = None if self._iterator is None else self._iterator.get_state()
+    return {"step": self._step, **self._layout, "start": self._start, "grain": grain_state}
+
+  def set_state(self, state: dict[str, Any]) -> None:
     """Continues from a saved state; the seed and the global batch must match.
 
     The step counts global batches, so a state saved by one process (process 0 writes the
-    checkpoint's metadata) resumes every process, with any number of processes that splits the
-    same global batch.
+    checkpoint's metadata) resumes every process, with any number of processes or workers that
+    splits the same global batch: grain's own state where the layout matches (every process
+    has consumed as many batches as process 0), else a fresh grain dataset from that step.
     """
-    saved_seed = state.get("seed", self._batch_fn.seed)
-    if saved_seed != self._batch_fn.seed:
-      raise ValueError(f"iterator state has seed={saved_seed} but this iterator has "
-                       f"{self._batch_fn.seed}; resume with the same seed")
-    global_batch = self._batch_fn.global_batch
-    saved = state.get("batch_size", self._batch_fn.batch_size) * state.get("num_shards",
-                                                                            self._shard[1])
+    seed = self._layout["seed"]
+    saved_seed = state.get("seed", seed)
+    if saved_seed != seed:
+      raise ValueError(f"iterator state has seed={saved_seed} but this iterator has {seed}; "
+                       "resume with the same seed")
+    global_batch = self._layout["batch_size"] * self._layout["num_shards"]
+    saved = (state.get("batch_size", self._layout["batch_size"])
+             * state.get("num_shards", self._layout["num_shards"]))
     if saved != global_batch:
       raise ValueError(f"iterator state has a global batch of {saved} but this iterator has "
                        f"{global_batch}; resume with the same training.batch_size")
     self._step = int(state["step"])
-    self._iterator = None
+    same_layout = all(state.get(k) == self._layout[k] for k in ("num_shards", "num_workers"))
+    if same_layout and state.get("grain") is not None:
+      self._start = int(state["start"])
+      self._iterator = self._open(self._start)
+      self._iterator.set_state(state["grain"])
+    else:
+      self._start, self._iterator = self._step, None
 
 
 def train_iterator(source, data_config: ml_collections.ConfigDict, *, batch_size: int,
@@ -424,33 +455,38 @@ def train_iterator(source, data_config: ml_collections.ConfigDict, *, batch_size
   Returns:
     A `TrainIterator` (get_state()/set_state() for checkpoints, `steps_per_epoch`).
   """
-  batch_fn = _TrainBatch(source, data_config, batch_size, seed, shard_index, num_shards)
-  return TrainIterator(batch_fn, data_config.num_workers, shard_index, num_shards)
+  return TrainIterator(source, data_config, batch_size, seed, shard_index, num_shards)
 
 
-class _EvalBatch:
-  """Picklable map: batch index -> this process's padded evaluation batch."""
+class _Normalise:
+  """Picklable map: evaluation example -> normalised example with mask True."""
 
-  def __init__(self, source, batch_size, shard_index, num_shards):
-    self.source = source
-    self.batch_size = batch_size
-    self.global_batch = batch_size * num_shards
-    self.offset = shard_index * batch_size
+  def __call__(self, example: dict[str, Any]) -> dict[str, Any]:
+    return {"image": normalise(example["image"]), "label": np.int32(example["label"]),
+            "mask": True}
 
-  def __call__(self, index: int) -> dict[str, np.ndarray]:
-    positions = index * self.global_batch + self.offset + np.arange(self.batch_size)
-    mask = positions < len(self.source)
-    examples = [self.source[int(p)] for p in positions[mask]]
-    image = np.zeros((self.batch_size,) + examples[0]["image"].shape, np.float32) if examples \
-        else None
-    label = np.zeros(self.batch_size, np.int32)
-    for j, example in enumerate(examples):
-      image[j] = normalise(example["image"])
-      label[j] = example["label"]
-    if image is None:  # a process whose slice of the last global batch is empty
-      shape = self.source[0]["image"].shape
-      image = np.zeros((self.batch_size,) + shape, np.float32)
-    return {"image": image, "label": label, "mask": mask}
+
+class _Padding:
+  """Picklable map: index -> a zero example with mask False (fills the last global batch)."""
+
+  def __init__(self, shape: tuple[int, ...]):
+    self.shape = shape
+
+  def __call__(self, index: int) -> dict[str, Any]:
+    del index
+    return {"image": np.zeros(self.shape, np.float32), "label": np.int32(0), "mask": False}
+
+
+def _eval_dataset(source, batch_size: int, shard_index: int,
+                  num_shards: int) -> grain.MapDataset:
+  """This process's padded evaluation batches; padding only at the end of the split."""
+  examples = grain.MapDataset.source(source).map(_Normalise())
+  padding = -len(source) % (batch_size * num_shards)
+  if padding:
+    shape = tuple(source[0]["image"].shape)
+    examples = grain.MapDataset.concatenate(
+        [examples, grain.MapDataset.range(padding).map(_Padding(shape))])
+  return examples.batch(batch_size)[shard_index::num_shards]
 
 
 class EvalBatches:
@@ -458,17 +494,17 @@ class EvalBatches:
 
   def __init__(self, source, batch_size: int, shard_index: int, num_shards: int,
                num_workers: int):
-    self._batch_fn = _EvalBatch(source, batch_size, shard_index, num_shards)
-    self._num_batches = math.ceil(len(source) / (batch_size * num_shards))
+    self._batches = (_eval_dataset(source, batch_size, shard_index, num_shards) if len(source)
+                     else None)
     self._num_workers = num_workers
 
   def __len__(self) -> int:
-    return self._num_batches
+    return 0 if self._batches is None else len(self._batches)
 
   def __iter__(self) -> Iterator[dict[str, np.ndarray]]:
-    if self._num_batches == 0:
+    if self._batches is None:
       return iter(())
-    return _iterate(self._batch_fn, 0, self._num_batches, self._num_workers)
+    return _to_iterator(self._batches, self._num_workers)
 
 
 def eval_batches(source, data_config: ml_collections.ConfigDict, *, batch_size: int,

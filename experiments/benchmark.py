@@ -8,6 +8,8 @@ Measures, for freshly initialised variables and random inputs (weights do not ch
   * compile time of every function (lower + XLA compile), reported apart from the steady state;
   * achieved FLOP/s (XLA cost analysis, `summary.flops_per_image` for the sampler's parts)
     against this machine's measured float32 matmul peak, and the ratio to that FLOP floor;
+  * input (`--only input`): images/s of the training input pipeline at 224 px (in-memory demo
+    images, the config's augmentation) in-process and with each `--input-workers` count;
   * peak memory of each row: on CPU the process's resident high-water mark, reset before the
     row (Linux; elsewhere the process-wide peak), and XLA's own buffer estimate for the
     executable; on GPU/TPU the device's `peak_bytes_in_use`;
@@ -28,6 +30,8 @@ ResNet-18 ρ(x), F=6144, T=1000, C=7):
   python experiments/benchmark.py --only training --repeats 2
   # the small CPU configuration (the demo: 64 px, narrow 2-stage ResNet-18s, F=256, T=100)
   python experiments/benchmark.py --config configs/demo.py --samplers official_truncated:100,full:0
+  # the training input pipeline at 224 px: in-process, then 1, 2 and 4 worker processes
+  python experiments/benchmark.py --only input
   # overrides and JSON output
   python experiments/benchmark.py --config.model.dtype=bfloat16 --json /tmp/bench.json
   # speed-ups against the official code timed on this machine (a JSON in this schema)
@@ -46,6 +50,7 @@ import time
 
 from absl import app
 from absl import flags
+import ml_collections
 from ml_collections import config_flags
 
 # Lets `python experiments/benchmark.py` import configs/ and diffmic_jax from the repo root.
@@ -59,15 +64,18 @@ import jax.numpy as jnp
 import numpy as np
 
 from diffmic_jax import diffusion
+from diffmic_jax import distributed
 from diffmic_jax import errors
 from diffmic_jax import files
 from diffmic_jax import host
+from diffmic_jax import input_pipeline
 from diffmic_jax import models as models_lib
 from diffmic_jax import sampler
 from diffmic_jax import sharding
 from diffmic_jax import summary
 from diffmic_jax import train
 from diffmic_jax import train_state
+from diffmic_jax.datasets import demo
 # pylint: enable=g-import-not-at-top,wrong-import-position
 
 _CONFIG = config_flags.DEFINE_config_file(
@@ -76,7 +84,8 @@ _CONFIG = config_flags.DEFINE_config_file(
 _BATCH = flags.DEFINE_list("batch-size", ["32", "1"], "Global batch size(s) for inference, comma "
                            "separated (batch 1 gives the latency per image).")
 _TRAIN_BATCH = flags.DEFINE_list("train-batch-size", ["32"], "Global batch size(s) for training.")
-_ONLY = flags.DEFINE_enum("only", None, ["inference", "training"], "Measure only this part.")
+_ONLY = flags.DEFINE_enum("only", None, ["inference", "training", "input"],
+                          "Measure only this part (input: only with --only).")
 _SAMPLERS = flags.DEFINE_list(
     "samplers", ["official_truncated:60", "official_truncated:100", "official_truncated:250",
                  "respaced:10"],
@@ -93,6 +102,14 @@ _FLOPS = flags.DEFINE_bool("flops", True, "Count FLOPs with XLA's cost analysis.
 _COMPARE = flags.DEFINE_string(
     "compare-official", None, "JSON of the official code's timings in this script's schema, "
     "measured on this machine: adds speed-up and memory-ratio columns.")
+_INPUT_WORKERS = flags.DEFINE_list("input-workers", ["0", "1", "2", "4"],
+                                   "--only input: grain worker counts (0 = in-process).")
+_INPUT_BATCHES = flags.DEFINE_integer("input-batches", 30,
+                                      "--only input: timed batches per worker count.")
+_INPUT_SIZE = 224  # the paper's input side
+_INPUT_DISTINCT = 256  # distinct in-memory 224-px images (37 MB, copied to every worker)
+_INPUT_EXAMPLES = 6306  # the source's length: HAM10000's training split (grain's index
+                        # shuffle costs about 30 ms / length per example: small splits pay more)
 
 
 def row_key(kind: str, row: dict) -> tuple:
@@ -211,9 +228,11 @@ def _time_calls(call, repeats: int) -> list[float]:
 
 
 def _random_batch(key, batch: int, size: int, num_classes: int, mesh) -> dict:
+  """A global batch of `batch` rows; each process gives its share (batch / processes)."""
   k_img, k_lab = jax.random.split(key)
-  host = {"image": np.asarray(jax.random.normal(k_img, (batch, size, size, 3), jnp.float32)),
-          "label": np.asarray(jax.random.randint(k_lab, (batch,), 0, num_classes), np.int32)}
+  local = batch // jax.process_count()
+  host = {"image": np.asarray(jax.random.normal(k_img, (local, size, size, 3), jnp.float32)),
+          "label": np.asarray(jax.random.randint(k_lab, (local,), 0, num_classes), np.int32)}
   return sharding.put_batch(host, mesh)
 
 
@@ -400,6 +419,72 @@ def run(config, batches, train_batches, only, sampler_entries, stages, repeats,
   return result
 
 
+class _CycledSource:
+  """A source of `length` examples cycling over a few in-memory images (picklable, small)."""
+
+  def __init__(self, images: np.ndarray, labels: np.ndarray, length: int):
+    self.images, self.labels, self.length = images, labels, length
+
+  def __len__(self) -> int:
+    return self.length
+
+  def __getitem__(self, index: int) -> dict:
+    index %= len(self.images)
+    return {"image": self.images[index], "label": int(self.labels[index])}
+
+
+def benchmark_input(data_config, batch: int, workers: list[int], num_batches: int) -> list[dict]:
+  """One row per worker count: images/s of `input_pipeline.train_iterator` at 224 px.
+
+  The source is in memory (demo images, cycled), so the rows measure shuffling, the
+  augmentation of data_config (flips, PIL rotation), normalisation and batching, not decoding
+  or disk. After a
+  warm-up (the workers start and the pipeline fills), `num_batches` batches are timed; a
+  consumer that takes each batch at once keeps the buffers empty, so this is the steady rate.
+  """
+  images, labels = demo.make_demo(_INPUT_DISTINCT, _INPUT_SIZE, seed=0)
+  source = _CycledSource(images, labels, _INPUT_EXAMPLES)
+  rows = []
+  for num_workers in workers:
+    config = ml_collections.ConfigDict(data_config.to_dict())
+    config.num_workers = num_workers
+    iterator = input_pipeline.train_iterator(source, config, batch_size=batch, seed=0)
+    start = time.perf_counter()
+    for _ in range(2 * num_workers + 2):
+      next(iterator)
+    warmup_s = time.perf_counter() - start
+    start = time.perf_counter()
+    for _ in range(num_batches):
+      next(iterator)
+    rate = num_batches * batch / (time.perf_counter() - start)
+    rows.append({"num_workers": num_workers, "batch": batch, "images_per_s": rate,
+                 "images_per_s_per_worker": rate / max(num_workers, 1), "warmup_s": warmup_s,
+                 "image_size": _INPUT_SIZE, "timed_batches": num_batches})
+    print(f"  [input] {num_workers} worker(s), batch {batch}: warm-up {warmup_s:.1f} s -> "
+          f"{rate:.0f} images/s", flush=True)
+    del iterator  # stops its worker processes before the next row starts its own
+  return rows
+
+
+def format_input_table(rows: list[dict]) -> str:
+  """A Markdown table of the input rows."""
+  lines = ["| workers | batch | images/s | images/s per worker | warm-up s |", "|---|---|---|---|---|"]
+  for r in rows:
+    who = "0 (in-process)" if r["num_workers"] == 0 else str(r["num_workers"])
+    lines.append(f"| {who} | {r['batch']} | {r['images_per_s']:.0f} | "
+                 f"{r['images_per_s_per_worker']:.0f} | {r['warmup_s']:.1f} |")
+  return "\n".join(lines)
+
+
+def run_input(config, batch: int, workers: list[int], num_batches: int) -> dict:
+  """`--only input`: the JSON-ready result of `benchmark_input` (no model is built)."""
+  load_average = os.getloadavg()
+  rows = benchmark_input(config.data, batch, workers, num_batches)
+  return {"device": _device_name(), "cpu": host.cpu_description(), "cpu_count": os.cpu_count(),
+          "cpu_affinity": len(os.sched_getaffinity(0)), "load_average": load_average,
+          "input": rows, "load_average_end": os.getloadavg()}
+
+
 def main(argv):
   del argv
   try:
@@ -409,10 +494,20 @@ def main(argv):
   config = _CONFIG.value
   if _TUNE_MALLOC.value:  # before the first JAX computation; harmless off CPU.
     host.tune_cpu_malloc()
-  if config.training.distributed:
-    jax.distributed.initialize()
+  # Under `python -m diffmic_jax.launch --module experiments.benchmark`: the launcher's
+  # coordinator, and gloo for collectives between CPU processes.
+  distributed.initialize(config.training.distributed)
   batches = [int(b) for b in _BATCH.value]
   train_batches = [int(b) for b in (_TRAIN_BATCH.value or _BATCH.value)]
+  if _ONLY.value == "input":
+    result = run_input(config, train_batches[0], [int(w) for w in _INPUT_WORKERS.value],
+                       _INPUT_BATCHES.value)
+    print(f"\nCPU: {result['cpu']['model']}, {' '.join(result['cpu']['vector_extensions'])}; "
+          f"{result['cpu_affinity']} of {result['cpu_count']} CPUs; load average at start "
+          f"{result['load_average']}, at end {result['load_average_end']}\n")
+    print(format_input_table(result["input"]), flush=True)
+    _write_json(result)
+    return
   result = run(config, batches, train_batches, _ONLY.value, _SAMPLERS.value, _STAGES.value,
                _REPEATS.value, _MATMUL_SIZE.value, _MATMUL_REPEATS.value, _FLOPS.value)
   paper = _is_paper_config(config)
@@ -427,7 +522,11 @@ def main(argv):
         f"{'paper configuration' if paper else 'not the paper configuration'}; "
         f"median of {_REPEATS.value} calls after compile + 1 call\n")
   print(format_table(result), flush=True)
-  if _JSON.value:
+  _write_json(result)
+
+
+def _write_json(result: dict) -> None:
+  if _JSON.value and jax.process_index() == 0:  # every process measured the same steps
     files.write_json(_JSON.value, result, indent=2, default=float)
     print(f"\nwrote {_JSON.value}")
 

@@ -33,6 +33,12 @@ def _take(iterator, n):
   return [next(iterator) for _ in range(n)]
 
 
+def _ids(batch):
+  """Example ids of a batch whose images are the constant id (no augmentation)."""
+  pixel = batch["image"][:, 0, 0, 0] * input_pipeline.IMAGENET_STD[0]
+  return np.round((pixel + input_pipeline.IMAGENET_MEAN[0]) * 255).astype(int).tolist()
+
+
 def test_demo_splits_and_split_json(tmp_path):
   config = _demo_config()
   splits = input_pipeline.create_splits(config, str(tmp_path))
@@ -105,13 +111,8 @@ def test_epochs_reshuffle_and_drop_remainder():
   images = np.arange(10, dtype=np.uint8)[:, None, None, None] * np.ones((1, 4, 4, 3), np.uint8)
   source = input_pipeline.ArraySource(images, np.zeros(10))
   it = input_pipeline.train_iterator(source, config, batch_size=3, seed=0)
-
-  def ids(batch):
-    pixel = batch["image"][:, 0, 0, 0] * input_pipeline.IMAGENET_STD[0]
-    return np.round((pixel + input_pipeline.IMAGENET_MEAN[0]) * 255).astype(int).tolist()
-
-  epoch0 = sum((ids(b) for b in _take(it, 3)), [])
-  epoch1 = sum((ids(b) for b in _take(it, 3)), [])
+  epoch0 = sum((_ids(b) for b in _take(it, 3)), [])
+  epoch1 = sum((_ids(b) for b in _take(it, 3)), [])
   assert len(set(epoch0)) == 9 and len(set(epoch1)) == 9  # 3 steps of 3, no repeats
   assert epoch0 != epoch1
 
@@ -204,12 +205,20 @@ def test_augment_flips_and_rotation_fill():
 
 
 def test_class_balanced_sampling():
+  """Every pair of consecutive examples holds both classes; each class cycles through all its
+  examples before repeating one (the minority class twice per batch of 4)."""
   config = _demo_config(class_balanced=True, hflip=False, rotation_degrees=0.0)
-  labels = np.array([0] * 90 + [1] * 10)
-  source = input_pipeline.ArraySource(np.zeros((100, 4, 4, 3), np.uint8), labels)
-  it = input_pipeline.train_iterator(source, config, batch_size=20, seed=0)
-  drawn = np.concatenate([b["label"] for b in _take(it, 20)])
-  assert 0.4 < drawn.mean() < 0.6
+  labels = np.array([0] * 6 + [1] * 2)
+  images = np.arange(8, dtype=np.uint8)[:, None, None, None] * np.ones((1, 4, 4, 3), np.uint8)
+  source = input_pipeline.ArraySource(images, labels)
+  it = input_pipeline.train_iterator(source, config, batch_size=4, seed=0)
+  batches = _take(it, 3)
+  drawn = np.concatenate([b["label"] for b in batches])
+  assert all(sorted(pair) == [0, 1] for pair in drawn.reshape(-1, 2).tolist())
+  ids = sum((_ids(b) for b in batches), [])
+  majority, minority = [i for i in ids if i < 6], [i for i in ids if i >= 6]
+  assert sorted(majority) == list(range(6))
+  assert all(sorted(minority[k:k + 2]) == [6, 7] for k in range(0, 6, 2))
 
 
 @pytest.mark.parametrize("num_shards", [1, 3])
@@ -236,3 +245,21 @@ def test_worker_processes_give_the_same_batches():
   config.num_workers = 1
   workers = _take(input_pipeline.train_iterator(source, config, batch_size=4, seed=5), 3)
   assert all(np.array_equal(a["image"], b["image"]) for a, b in zip(in_process, workers))
+
+
+def test_resume_with_workers_from_grain_state_or_from_the_step():
+  """A state saved with a worker process resumes mid-epoch exactly, through grain's own state
+  (same layout) and through the step (no workers)."""
+  config = _demo_config(num_workers=1)
+  source = _array_source(n=24)
+  it = input_pipeline.train_iterator(source, config, batch_size=8, seed=6)
+  _take(it, 2)
+  state = json.loads(json.dumps(it.get_state()))
+  expected = _take(it, 3)  # crosses the epoch boundary (3 steps per epoch)
+  for num_workers in (1, 0):
+    config.num_workers = num_workers
+    resumed = input_pipeline.train_iterator(source, config, batch_size=8, seed=6)
+    resumed.set_state(state)
+    got = _take(resumed, 3)
+    assert all(np.array_equal(a["image"], b["image"]) and np.array_equal(a["label"], b["label"])
+               for a, b in zip(expected, got)), num_workers

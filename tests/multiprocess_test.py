@@ -66,6 +66,20 @@ def _final_state(workdir):
   return jax.device_get(state)
 
 
+# The denoiser's encoder projection feeds a BatchNorm, so the gradient of its bias is zero up to
+# round-off, which Adam scales to steps of about the learning rate: that bias (its EMA copy too)
+# and the running mean that absorbs it follow the round-off of the device layout, not the data.
+_ROUNDOFF_ONLY = ("['encoder_proj']['dense']['bias']", ".denoiser['batch_stats']['norm']['mean']")
+
+
+def _assert_states_close(ref, got):
+  """Every leaf of two train states agrees, but those driven by round-off alone."""
+  for (path, a), b in zip(jax.tree_util.tree_flatten_with_path(ref)[0], jax.tree.leaves(got)):
+    name = jax.tree_util.keystr(path)
+    if not name.endswith(_ROUNDOFF_ONLY):
+      np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6, err_msg=name)
+
+
 @pytest.fixture(scope="module")
 def one_process_two_devices(tmp_path_factory):
   workdir = tmp_path_factory.mktemp("one_process")
@@ -117,8 +131,7 @@ def test_two_processes_killed_and_resumed_match_one_process_with_two_devices(
   assert glob.glob(str(one_process_two_devices / "profile" / "**" / "*.xplane.pb"),
                    recursive=True)
   ref_state, got_state = _final_state(one_process_two_devices), _final_state(tmp_path)
-  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6),
-               ref_state, got_state)
+  _assert_states_close(ref_state, got_state)
   ref_csv = open(os.path.join(one_process_two_devices, "eval", "test_predictions.csv")).read()
   got_csv = open(tmp_path / "eval" / "test_predictions.csv").read()
   assert got_csv.splitlines()[0] == ref_csv.splitlines()[0]
