@@ -111,12 +111,15 @@ class NoiseModel(nn.Module):
 # `denoise_folded`. Two changes, both exact up to float32 rounding:
 # - BatchNorm with running statistics folded into the γ tables: BN(γ_t ⊙ (W·u + b)) =
 #   (γ_t ⊙ s) ⊙ (W·u + b) + (β − μ·s), s = scale / √(var + ε);
-# - feature-major activations h [F, B] with weights [F_out, F_in] (PyTorch's layout). XLA's
-#   CPU dot is fastest with the contracted dimension minor on both sides and the wide dimension
-#   as rows: at B=32, F=6144 a [F, F] × [F, B] product runs at the machine's matmul peak, 1.35×
-#   faster than `u @ W` with W [in, out] (experiments/README.md, "Sampler step"). The transpose
-#   must happen outside the `lax.scan`: written inside, XLA folds it into the dot and re-reads
-#   the kernel transposed at every step (4.8× slower).
+# - for batches of more than one image, feature-major activations h [F, B] with weights
+#   [F_out, F_in] (PyTorch's layout). XLA's CPU dot is fastest with the contracted dimension
+#   minor on both sides and the wide dimension as rows: at B=32, F=6144 a [F, F] × [F, B]
+#   product runs at the machine's matmul peak, 1.35× faster than `u @ W` with W [in, out]
+#   (experiments/README.md, "Speed on an AVX-512 CPU"). The transpose must happen outside the
+#   `lax.scan`: written inside, XLA folds it into the dot and re-reads the kernel transposed at
+#   every step (4.8× slower). A single image is a matrix-vector product, which XLA runs
+#   fastest as u [1, F] @ W [F, F] (8.8 against 12.8 ms per step on 2 cores), so batch 1 keeps
+#   the stored layout.
 
 _CONDITIONAL_LAYERS = (("lin1", "norm1"), ("lin2", "norm2"), ("lin3", "norm3"))
 
@@ -127,60 +130,74 @@ def _bn_scale_shift(params, stats, epsilon):
   return s, params["bias"] - stats["mean"] * s
 
 
-def fold_for_sampling(variables, dtype=jnp.float32) -> dict:
+def fold_for_sampling(variables, dtype=jnp.float32, feature_major: bool = True) -> dict:
   """Eval-mode `NoiseModel.denoise` weights in the sampler's layout (see above).
 
   Args:
     variables: the denoiser's Flax variables {'params', 'batch_stats'}.
     dtype: the model's compute dtype (`NoiseModel.dtype`).
+    feature_major: weights [F_out, F_in] (for `denoise_folded(..., feature_major=True)`);
+      False keeps Flax's [F_in, F_out].
 
   Returns:
-    {'lin1'|'lin2'|'lin3': {'w': [F, D_in], 'b': [F], 'gamma': [T + 1, F] γ ⊙ s,
-    'shift': [F]}, 'lin4': {'w': [C, F], 'b': [C]}}.
+    {'lin1'|'lin2'|'lin3': {'w', 'b': [F], 'gamma': [T + 1, F] γ ⊙ s, 'shift': [F]},
+    'lin4': {'w', 'b': [C]}}.
   """
   params, stats = variables["params"], variables["batch_stats"]
+  layout = (lambda kernel: kernel.T) if feature_major else (lambda kernel: kernel)
   folded = {}
   for lin, norm in _CONDITIONAL_LAYERS:
     dense = params[lin]["lin"]["dense"]
     s, c = _bn_scale_shift(params[norm], stats[norm], layers.BatchNorm.epsilon)
-    folded[lin] = {"w": dense["kernel"].T.astype(dtype), "b": dense["bias"].astype(dtype),
+    folded[lin] = {"w": layout(dense["kernel"]).astype(dtype), "b": dense["bias"].astype(dtype),
                    "gamma": (params[lin]["embed"]["embedding"] * s[None, :]).astype(dtype),
                    "shift": c.astype(dtype)}
   dense = params["lin4"]["dense"]
-  folded["lin4"] = {"w": dense["kernel"].T.astype(dtype), "b": dense["bias"].astype(dtype)}
+  folded["lin4"] = {"w": layout(dense["kernel"]).astype(dtype), "b": dense["bias"].astype(dtype)}
   return folded
 
 
-def _matmul_feature_major(w, h):
-  """[F_out, F_in] × [F_in, B] -> [F_out, B]."""
-  return jax.lax.dot_general(w, h, (((1,), (0,)), ((), ())))
+def _linear(layer, h, feature_major):
+  """W·h + b: [F_out, F_in] × [F_in, B] -> [F_out, B], or [B, F_in] @ [F_in, F_out]."""
+  if feature_major:
+    return jax.lax.dot_general(layer["w"], h, (((1,), (0,)), ((), ()))) + layer["b"][:, None]
+  return h @ layer["w"] + layer["b"][None, :]
 
 
-def _conditional_folded(layer, h, t):
-  """softplus(g_t ⊙ (W·h + b) + c) on feature-major h [F_in, B]; t [] or [B] -> [F_out, B]."""
-  gamma = layer["gamma"][t]
-  gamma = gamma[:, None] if gamma.ndim == 1 else gamma.T
-  pre = _matmul_feature_major(layer["w"], h) + layer["b"][:, None]
-  return nn.softplus(gamma * pre + layer["shift"][:, None])
+def _per_feature(v, feature_major):
+  """A per-feature vector [F] (or per-example rows [B, F]) shaped to broadcast against h."""
+  if v.ndim == 2:
+    return v.T if feature_major else v
+  return v[:, None] if feature_major else v[None, :]
 
 
-def denoise_folded(folded, features_t, y_t, conditioning, t):
+def _conditional_folded(layer, h, t, feature_major):
+  """softplus(g_t ⊙ (W·h + b) + c); t [] or [B]."""
+  gamma = _per_feature(layer["gamma"][t], feature_major)
+  pre = _linear(layer, h, feature_major)
+  return nn.softplus(gamma * pre + _per_feature(layer["shift"], feature_major))
+
+
+def denoise_folded(folded, features, y_t, conditioning, t, feature_major: bool = True):
   """`NoiseModel.denoise(..., train=False)` on `fold_for_sampling` weights.
 
   Args:
-    folded: from `fold_for_sampling`.
-    features_t: [F, B] ρ(x), transposed once per sampling call.
+    folded: from `fold_for_sampling` with the same `feature_major`.
+    features: ρ(x), [F, B] (transposed once per sampling call) if feature_major, else [B, F].
     y_t: [B, C] noisy label vector.
     conditioning: [B, C·conditioning_width] ŷ.
     t: [] or [B] integer timesteps.
+    feature_major: the layout of `folded` and `features`.
 
   Returns:
     [B, C] float32 ε̂.
   """
   dtype = folded["lin1"]["w"].dtype
-  u = jnp.concatenate([y_t, conditioning], axis=-1).astype(dtype).T  # [D, B]: tiny
-  h = _conditional_folded(folded["lin1"], u, t) * features_t.astype(dtype)
-  h = _conditional_folded(folded["lin2"], h, t)
-  h = _conditional_folded(folded["lin3"], h, t)
-  out = _matmul_feature_major(folded["lin4"]["w"], h) + folded["lin4"]["b"][:, None]
-  return out.T.astype(jnp.float32)
+  u = jnp.concatenate([y_t, conditioning], axis=-1).astype(dtype)
+  if feature_major:
+    u = u.T  # [D, B]: tiny
+  h = _conditional_folded(folded["lin1"], u, t, feature_major) * features.astype(dtype)
+  h = _conditional_folded(folded["lin2"], h, t, feature_major)
+  h = _conditional_folded(folded["lin3"], h, t, feature_major)
+  out = _linear(folded["lin4"], h, feature_major)
+  return (out.T if feature_major else out).astype(jnp.float32)

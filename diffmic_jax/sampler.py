@@ -23,12 +23,14 @@ def image_denoiser(models, variables, images):
   dvars = variables["denoiser"]
   features = models.denoiser.apply(dvars, images, train=False,
                                    method=denoiser_lib.NoiseModel.encode)
-  # Once per call, outside the chain's scan: BatchNorm folded, weights and ρ(x) feature-major.
-  folded = denoiser_lib.fold_for_sampling(dvars, models.denoiser.dtype)
-  features_t = features.T
+  # Once per call, outside the chain's scan: BatchNorm folded, weights and ρ(x) feature-major
+  # (a batch of one keeps the stored layout: a matrix-vector product is fastest that way).
+  feature_major = images.shape[0] > 1
+  folded = denoiser_lib.fold_for_sampling(dvars, models.denoiser.dtype, feature_major)
+  features = features.T if feature_major else features
 
   def denoise_fn(y, cond, t):
-    return denoiser_lib.denoise_folded(folded, features_t, y, cond, t)
+    return denoiser_lib.denoise_folded(folded, features, y, cond, t, feature_major)
 
   return denoise_fn
 

@@ -38,15 +38,17 @@ def _reference(model, variables, features, y, cond, t):
                      method=denoiser.NoiseModel.denoise)
 
 
+@pytest.mark.parametrize("feature_major", [True, False])
 @pytest.mark.parametrize("width", [1, 2])
 @pytest.mark.parametrize("t", [7, np.array([0, 3, 11, 5, 7])])
-def test_folded_denoise_equals_the_module(width, t):
+def test_folded_denoise_equals_the_module(width, t, feature_major):
   model, variables = _model_and_variables(width=width)
   features, y, cond = _inputs(width)
   t = jnp.asarray(t, jnp.int32)
   expected = _reference(model, variables, features, y, cond, t)
-  folded = denoiser.fold_for_sampling(variables)
-  got = jax.jit(denoiser.denoise_folded)(folded, features.T, y, cond, t)
+  folded = denoiser.fold_for_sampling(variables, feature_major=feature_major)
+  got = jax.jit(denoiser.denoise_folded, static_argnums=5)(
+      folded, features.T if feature_major else features, y, cond, t, feature_major)
   assert got.shape == (B, C) and got.dtype == jnp.float32
   np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5)
 
