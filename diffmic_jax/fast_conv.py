@@ -15,11 +15,18 @@ where cols(i, j) is the input window of tap (i, j), transposed to
 channel-major. The taps of one kernel row (or several rows, within a memory
 budget) are concatenated so each matmul has K*C rows instead of C, which keeps
 the matmul near peak while never materialising the whole patch matrix of a
-big layer (the 7x7 stem at 224 px, batch 32, would need 236 MB).
+big layer (the 7x7 stem at 224 px, batch 32, would need 236 MB). An unpadded
+1x1 kernel skips the transpose: d_kernel = x[N, Ci]^T @ dy[N, Co] in one dot.
 
-impl='auto' uses that backward on CPU only where it measured faster (1x1
-kernels, see `_cpu_im2col_wins`) and XLA's convolution everywhere else and on
-every other backend, where cuDNN's kernel gradient is already fast.
+impl='patches' computes the whole convolution as one matmul of its patch matrix
+(gradients by autodiff), which is fast where the output has a few pixels and
+XLA's CPU convolution is at its slowest.
+
+impl='auto' uses these on CPU only where they measured faster ('patches' for
+k x k layers with at most 4 output pixels, see `_cpu_patches_win`; 'im2col'
+for 1x1 kernels, see `_cpu_im2col_wins`) and XLA's convolution everywhere else
+and on every other backend, where cuDNN's kernels are already fast. The numbers
+are in experiments/README.md ("Speed on an AVX-512 CPU", "CPU convolutions").
 
 A second, independent CPU cost (glibc's allocator) is handled by
 `host.tune_cpu_malloc`.
