@@ -41,13 +41,19 @@ import gc
 import json
 import math
 import os
-import platform
 import resource
 import statistics
 import sys
 import time
 import types
 import warnings
+
+# diffmic_jax.host (no JAX inside) gives the same CPU description and peak-memory probe as
+# experiments/benchmark.py, so --compare-official can tell whether both ran on one CPU model.
+_REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if _REPO not in sys.path:
+  sys.path.insert(0, _REPO)
+from diffmic_jax import host  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 PATCHES = [
     "DCG device: the DCG hard-codes experiment_parameters device_type='gpu', gpu_number=0 "
@@ -66,51 +72,6 @@ IMPORT_STUBS = [
     "_C.so cannot load against torch 2.13.0+cpu; its fake/autograd registrations for "
     "torchvision:: ops (nms, roi_align, ...) are skipped. ResNets use only torch ops",
 ]
-
-# Vector instruction sets, as diffmic_jax/host.py lists them (same cpu dict as our benchmark).
-VECTOR_EXTENSIONS = ("sse4_2", "avx", "avx2", "fma", "avx512f", "avx512bw", "avx512vl",
-                     "avx512_vnni", "avx512_bf16", "avx512_fp16", "amx_tile", "amx_bf16",
-                     "amx_int8", "asimd", "sve", "sve2")
-
-
-def cpu_description():
-  """The same dict as diffmic_jax.host.cpu_description (so the model strings compare equal)."""
-  try:
-    with open("/proc/cpuinfo") as f:
-      cpuinfo = f.read()
-  except OSError:
-    cpuinfo = ""
-  fields, flags = {}, set()
-  for line in cpuinfo.splitlines():
-    key, _, value = line.partition(":")
-    key = key.strip()
-    if key in ("flags", "Features") and not flags:
-      flags = set(value.split())
-    elif key and key not in fields:
-      fields[key] = value.strip()
-  model = fields.get("model name", "") or platform.processor() or platform.machine()
-  if "cpu family" in fields:
-    model += f" (family {fields['cpu family']}, model {fields.get('model', '?')})"
-  return {"model": model, "vector_extensions": sorted(flags & set(VECTOR_EXTENSIONS)),
-          "cores": os.cpu_count()}
-
-
-def reset_peak_rss():
-  try:
-    with open("/proc/self/clear_refs", "w") as f:
-      f.write("5")
-    return True
-  except OSError:
-    return False
-
-
-def vm_hwm_bytes():
-  with open("/proc/self/status") as f:
-    for line in f:
-      if line.startswith("VmHWM:"):
-        return int(line.split()[1]) * 1024
-  return None
-
 
 def ru_maxrss_bytes():
   return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
@@ -429,7 +390,7 @@ def official_train_iteration(off, runner, model, config, args, state, x_batch, y
 def time_row(fn, repeats, label):
   """One warm-up call, then `repeats` timed calls; peak RSS of the row (VmHWM after a reset)."""
   gc.collect()
-  reset_ok = reset_peak_rss()
+  reset_ok = host.reset_peak_rss()
   start = time.perf_counter()
   fn(None)
   first = time.perf_counter() - start
@@ -442,7 +403,7 @@ def time_row(fn, repeats, label):
     cpu_times.append(time.process_time() - cpu_start)
     print(f"  {label}: repeat {r + 1}/{repeats} {times[-1]:.2f} s (process CPU time "
           f"{cpu_times[-1]:.2f} s)", flush=True)
-  peak = vm_hwm_bytes()
+  peak = host.peak_rss_bytes()
   return {"times_s": times, "first_call_s": first, "cpu_times_s": cpu_times,
           "peak_memory_bytes": peak,
           "peak_memory_is_row_peak": reset_ok,
@@ -506,7 +467,7 @@ def main():
       "official_commit": commit,
       "threads": a.threads,
       "torch_num_threads": torch.get_num_threads(),
-      "cpu": cpu_description(),
+      "cpu": host.cpu_description(),  # as benchmark.py: the CPU models compare equal
       "cpu_affinity": sorted(os.sched_getaffinity(0)),
       "torch_parallel_info": torch.__config__.parallel_info().strip().splitlines()[:8],
       "load_average": list(load_start),
