@@ -1,11 +1,10 @@
 """Process-level settings of the host platform, applied by the entry points before JAX starts.
 
 A CPU cost on the 2-core dev VM is glibc's allocator: XLA frees and re-allocates every large
-(>32 MB) intermediate per call through mmap/munmap, so every call page-faults all its big
-buffers again. `tune_cpu_malloc` turns that off (it must run before the first JAX
-computation). It made a 64 MB elementwise op 3x faster but did not speed up a whole ResNet-18
-train step in our (noisy) measurements, so only `main.py` and the benchmark call it
-(paper-config inference: 3.52 -> 3.78 img/s).
+intermediate (and each call's one block of temporaries) per call through mmap/munmap, so every
+call page-faults all its big buffers again. `tune_cpu_malloc` turns that off (it must run
+before the first JAX computation); `main.py` and the benchmarks call it (paper-config DCG
+warm-up step: 10.6 -> 8.0 s; see its docstring).
 """
 
 import ctypes
@@ -15,20 +14,24 @@ import resource
 
 
 def tune_cpu_malloc():
-  """Stops glibc from returning big XLA buffers to the kernel after each step.
+  """Stops glibc from returning big XLA buffers to the kernel after each call.
 
-  XLA's CPU runtime allocates its intermediates from worker threads. glibc
-  serves requests above 32 MB (and anything that does not fit a 64 MB thread
-  arena) with a fresh mmap and unmaps it on free, so each training step pays
-  one page fault per 4 KB of every large activation; on the dev VM that made a
-  64 MB elementwise op 3x slower (28 ms vs 9 ms). Forcing one arena with an
-  effectively unlimited mmap/trim threshold lets freed blocks be reused.
+  XLA's CPU runtime allocates its intermediates from worker threads, and an
+  executable's temporaries as one block (3.3 GB for the paper configuration's
+  DCG warm-up step). By default glibc serves big requests with a fresh mmap
+  and unmaps them on free, and trims the heap's free top, so every call pays
+  one page fault per 4 KB of those buffers: 830,000 faults and 4 s of kernel
+  time per warm-up step on the dev VM (10.6 s per step against 8.0 s without).
+  One arena, no mmap for large blocks (M_MMAP_MAX=0) and no trimming
+  (M_TRIM_THRESHOLD=-1, which mallopt(3) documents as "disables trimming
+  completely") let freed blocks be reused. An mmap *threshold* cannot do it:
+  mallopt takes an int, so no threshold reaches a 3.3 GB block.
 
   Must be called before JAX starts its backend (before the first array is
   created); later calls have no effect on arenas that already exist. The
-  equivalent environment settings are MALLOC_ARENA_MAX=1,
-  MALLOC_MMAP_THRESHOLD_=1073741824, MALLOC_TRIM_THRESHOLD_=2147483647.
-  Peak RSS is unchanged, but freed memory is kept by the process.
+  equivalent environment settings are MALLOC_ARENA_MAX=1, MALLOC_MMAP_MAX_=0,
+  MALLOC_TRIM_THRESHOLD_=-1. Freed memory stays with the process (its resident
+  size does not fall after a call).
 
   Returns:
     True if all three mallopt calls succeeded (glibc only), else False.
@@ -37,10 +40,10 @@ def tune_cpu_malloc():
     libc = ctypes.CDLL("libc.so.6")
   except OSError:
     return False
-  m_trim_threshold, m_mmap_threshold, m_arena_max = -1, -3, -8
+  m_trim_threshold, m_mmap_max, m_arena_max = -1, -4, -8
   ok = libc.mallopt(m_arena_max, 1)
-  ok &= libc.mallopt(m_mmap_threshold, 1 << 30)
-  ok &= libc.mallopt(m_trim_threshold, 2**31 - 1)
+  ok &= libc.mallopt(m_mmap_max, 0)
+  ok &= libc.mallopt(m_trim_threshold, -1)
   return bool(ok)
 
 
