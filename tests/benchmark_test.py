@@ -119,7 +119,7 @@ def test_peak_memory_is_reset_per_row():
 
 
 _REUSE_PROBE = """
-import ctypes, resource
+import ctypes, os, resource
 from diffmic_jax import host
 assert host.tune_cpu_malloc()
 libc = ctypes.CDLL("libc.so.6")
@@ -133,8 +133,17 @@ for _ in range(2):
   ctypes.memset(block, 1, size)
   libc.free(block)
   faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
-print(*faults)
+resident = int(open("/proc/self/statm").read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+print(*faults, resident)
 """
+_BLOCK = 5 << 29
+
+
+def _reuse_probe(**env):
+  environ = {k: v for k, v in os.environ.items() if k != "GLIBC_TUNABLES"}
+  out = subprocess.run([sys.executable, "-c", _REUSE_PROBE], check=True, capture_output=True,
+                       text=True, cwd=conftest.REPO, env={**environ, **env}).stdout
+  return (int(v) for v in out.split())
 
 
 @pytest.mark.skipif(sys.platform != "linux", reason="glibc only")
@@ -142,8 +151,33 @@ def test_tune_cpu_malloc_reuses_a_freed_multi_gigabyte_block():
   """XLA allocates a call's temporaries as one block of gigabytes; page-faulting it afresh on
   every call cost 4 s of a 10.6 s paper warm-up step. In a fresh process (mallopt only affects
   arenas made later): the second allocation of a 2.5 GiB block must touch pages already mapped."""
-  out = subprocess.run([sys.executable, "-c", _REUSE_PROBE], check=True, capture_output=True,
-                       text=True, cwd=conftest.REPO).stdout
-  first, second = (int(v) for v in out.split())
-  assert first >= (5 << 29) // (2 << 20)  # the first touch maps the pages (4 KiB or 2 MiB)...
+  first, second, resident = _reuse_probe()
+  assert first >= _BLOCK // (2 << 20)  # the first touch maps the pages (4 KiB or 2 MiB)...
   assert second < first // 100  # ...and the second reuses them
+  assert resident > _BLOCK * 3 // 4  # kept by the process after free
+
+
+def _thp_never() -> bool:
+  try:
+    with open("/sys/kernel/mm/transparent_hugepage/enabled") as f:
+      return "[never]" in f.read()
+  except OSError:
+    return True
+
+
+@pytest.mark.skipif(sys.platform != "linux" or _thp_never(),
+                    reason="needs glibc and transparent huge pages (madvise or always)")
+def test_tune_cpu_malloc_lower_memory_mode_returns_blocks_in_huge_pages():
+  """Started with GLIBC_TUNABLES=glibc.malloc.hugetlb=1, a freed multi-gigabyte block goes back
+  to the kernel (peak memory stays low) and is faulted in 2 MiB pages (cheap to map again)."""
+  first, second, resident = _reuse_probe(GLIBC_TUNABLES="glibc.malloc.hugetlb=1")
+  assert resident < _BLOCK // 4
+  assert first < _BLOCK // 4096 // 10 and second < _BLOCK // 4096 // 10
+
+
+def test_hugetlb_requested_reads_glibc_tunables():
+  assert host.hugetlb_requested({"GLIBC_TUNABLES": "glibc.malloc.hugetlb=1"})
+  assert host.hugetlb_requested({"GLIBC_TUNABLES": "glibc.malloc.arena_max=1:glibc.malloc.hugetlb=2"})
+  assert not host.hugetlb_requested({"GLIBC_TUNABLES": "glibc.malloc.hugetlb=0"})
+  assert not host.hugetlb_requested({"GLIBC_TUNABLES": "glibc.malloc.hugetlbx=1"})
+  assert not host.hugetlb_requested({})
