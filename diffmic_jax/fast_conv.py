@@ -26,10 +26,17 @@ impl='patches' computes the whole convolution as one matmul of its patch matrix
 (gradients by autodiff), which is fast where the output has a few pixels and
 XLA's CPU convolution is at its slowest.
 
+impl='winograd' computes stride-1 3x3 convolutions by Winograd's minimal
+filtering algorithm, F(2x2, 3x3) or F(4x4, 3x3) (`_winograd_conv`): cheap
+additions around 16 or 36 large batched matmuls [B·tiles, Ci] @ [Ci, Co], 2.25x
+or 4x fewer multiplications, the same transforms serving d_input and d_kernel.
+
 impl='auto' uses these on CPU only where they measured faster ('patches' for
-k x k layers with at most 4 output pixels, see `_cpu_patches_win`; 'im2col'
-for 1x1 kernels, see `_cpu_im2col_wins`) and XLA's convolution everywhere else
-and on every other backend, where cuDNN's kernels are already fast. The numbers
+k x k layers with at most 4 output pixels, see `_cpu_patches_win`; 'winograd'
+for stride-1 3x3 layers with at least 14 x 14 output pixels, see
+`_cpu_winograd_wins`; 'im2col' for 1x1 kernels, see `_cpu_im2col_wins`) and
+XLA's convolution everywhere else and on every other backend, where cuDNN's
+kernels are already fast. The numbers
 are in experiments/README.md ("Speed on an AVX-512 CPU", "CPU convolutions").
 
 A second, independent CPU cost (glibc's allocator) is handled by
@@ -49,7 +56,7 @@ _DIMENSION_NUMBERS = ("NHWC", "HWIO", "NHWC")
 # 7x7 stem seven 34 MB ones instead of one 236 MB patch matrix.
 _CHUNK_BYTES = 64 * 1024 * 1024
 
-_IMPLS = ("auto", "xla", "im2col", "patches")
+_IMPLS = ("auto", "xla", "im2col", "patches", "winograd")
 
 # 'auto' on CPU computes a k x k (k > 1) convolution with at most this many output pixels
 # per image as one patch matmul (`_patches_conv`); see `_cpu_patches_win`.
@@ -193,6 +200,197 @@ def _pointwise_input_grad(dy, kernel, x_shape, strides, dtype):
                   (0, x_shape[2] - (wo - 1) * sw - 1, sw - 1), (0, 0, 0)))
 
 
+# Winograd F(m x m, 3x3) (Lavin & Gray, "Fast Algorithms for Convolutional Neural Networks",
+# CVPR 2016): an m x m output tile of a stride-1 3x3 convolution is
+#   Y = Aᵀ [(G g Gᵀ) ⊙ (Bᵀ d B)] A
+# for the (m + 2) x (m + 2) input tile d and the kernel g, with the constant matrices below.
+# Summed over input channels, the elementwise product becomes (m + 2)² matmuls [N, Ci] @
+# [Ci, Co], N = B · tiles: (m + 2)² multiplications per m² outputs instead of 9 m², i.e. 2.25x
+# fewer for m = 2 and 4x fewer for m = 4. F(2x2, 3x3)'s Bᵀ and Aᵀ hold only 0 and ±1 (the
+# transforms are additions) and G halves; F(4x4, 3x3)'s coefficients reach ±8 and 1/24, which
+# costs float32 accuracy (tests bound both).
+_WINOGRAD_MATRICES = {
+    2: dict(bt=((1, 0, -1, 0), (0, 1, 1, 0), (0, -1, 1, 0), (0, 1, 0, -1)),
+            g=((1, 0, 0), (0.5, 0.5, 0.5), (0.5, -0.5, 0.5), (0, 0, 1)),
+            at=((1, 1, 1, 0), (0, 1, -1, -1))),
+    4: dict(bt=((4, 0, -5, 0, 1, 0), (0, -4, -4, 1, 1, 0), (0, 4, -4, -1, 1, 0),
+                (0, -2, -1, 2, 1, 0), (0, 2, -1, -2, 1, 0), (0, 4, 0, -5, 0, 1)),
+            g=((1 / 4, 0, 0), (-1 / 6, -1 / 6, -1 / 6), (-1 / 6, 1 / 6, -1 / 6),
+               (1 / 24, 1 / 12, 1 / 6), (1 / 24, -1 / 12, 1 / 6), (0, 0, 1)),
+            at=((1, 1, 1, 1, 1, 0), (0, 1, -1, 2, -2, 0), (0, 1, 1, 4, 4, 0),
+                (0, 1, -1, 8, -8, 1))),
+}
+
+# 'auto' on CPU computes stride-1 3x3 layers whose output has at least this many pixels per
+# image by Winograd (`_cpu_winograd_wins`), with F(4x4, 3x3) from _WINOGRAD_F4_MIN_SIDE pixels
+# a side in float32 and F(2x2, 3x3) otherwise (`_winograd_tile`).
+_WINOGRAD_MIN_OUTPUT_PIXELS = 14 * 14
+_WINOGRAD_F4_MIN_SIDE = 28
+
+
+def _winograd_tile(output_hw, dtype):
+  """The output tile m for a Winograd layer: 4 where the output is at least 28 px a side and
+  the layer computes in float32, else 2.
+
+  On the Intel Xeon (AVX-512) dev CPU, 2 cores, batch 32, forward + both gradients:
+  F(4x4) 185 ms against F(2x2) 223 ms at 56 px x 64 channels and 122 against 132 at 28 px x
+  128; at 14 px x 256 F(2x2) won (109 against 130): a 14 px side is 3.5 tiles of 4 (the
+  padded last tile wastes an eighth of the work) and N = B·tiles gets small. bfloat16 keeps
+  F(2x2), whose transforms are additions only: F(4x4)'s coefficients up to 8 would magnify
+  bfloat16's rounding of V."""
+  if jnp.dtype(dtype) == jnp.float32 and min(output_hw) >= _WINOGRAD_F4_MIN_SIDE:
+    return 4
+  return 2
+
+
+def _is_winograd_shape(kernel_shape, strides):
+  """A 3x3 kernel at stride 1: what `_winograd_conv` computes."""
+  return tuple(kernel_shape[:2]) == (3, 3) and tuple(strides) == (1, 1)
+
+
+def _winograd_tiles(x_shape, padding, m):
+  """(Ho, Wo, th, tw): the output size and the number of m x m output tiles per axis."""
+  ho = x_shape[1] + sum(padding[0]) - 2
+  wo = x_shape[2] + sum(padding[1]) - 2
+  return ho, wo, -(-ho // m), -(-wo // m)
+
+
+def _linear_combination(coefficients, terms):
+  """Σ_k c_k · terms[k], skipping zero coefficients and multiplying only by c ∉ {1, -1}."""
+  out = None
+  for c, t in zip(coefficients, terms):
+    if c == 0:
+      continue
+    if out is None:
+      out = t if c == 1 else (-t if c == -1 else t * c)
+    else:
+      out = out + t if c == 1 else (out - t if c == -1 else out + t * c)
+  return out
+
+
+def _winograd_bt_1d(x, axis, tiles, m):
+  """Bᵀ d along one axis, every tile at once: [.., m·tiles + 2, ..] -> (m+2) x [.., tiles, ..].
+
+  Tile t reads d_k = x[m·t + k], k = 0..m+1, a strided slice of x for each k."""
+  d = [lax.slice_in_dim(x, k, k + m * (tiles - 1) + 1, m, axis) for k in range(m + 2)]
+  return [_linear_combination(row, d) for row in _WINOGRAD_MATRICES[m]["bt"]]
+
+
+def _winograd_input_transform(x, padding, m):
+  """V = Bᵀ d B for every input tile: x [B, H, W, Ci] -> V [(m+2)², B·th·tw, Ci] (x.dtype).
+
+  Entry ξ·(m+2) + ν of V's first axis holds entry (ξ, ν) of every tile's transform."""
+  b, _, _, ci = x.shape
+  _, _, th, tw = _winograd_tiles(x.shape, padding, m)
+  # Pad to exactly m·tiles + 2 rows and columns: tiles step by m and overlap by 2.
+  xp = lax.pad(x, jnp.zeros((), x.dtype),
+               ((0, 0, 0), (padding[0][0], m * th + 2 - x.shape[1] - padding[0][0], 0),
+                (padding[1][0], m * tw + 2 - x.shape[2] - padding[1][0], 0), (0, 0, 0)))
+  rows = _winograd_bt_1d(xp, 1, th, m)
+  v = [col for row in rows for col in _winograd_bt_1d(row, 2, tw, m)]
+  return jnp.stack(v).reshape((m + 2) ** 2, b * th * tw, ci)
+
+
+def _winograd_kernel_transform(kernel, m):
+  """U = G g Gᵀ: kernel [3, 3, Ci, Co] -> float32 [(m+2)², Ci, Co]."""
+  g = jnp.asarray(_WINOGRAD_MATRICES[m]["g"], jnp.float32)
+  u = jnp.einsum("ai,bj,ijco->abco", g, g, kernel.astype(jnp.float32),
+                 precision=lax.Precision.HIGHEST)
+  return u.reshape((m + 2) ** 2, kernel.shape[2], kernel.shape[3])
+
+
+def _winograd_output_transform(mt, x_shape, padding, m):
+  """Y = Aᵀ M A per tile, tiles side by side: mt [(m+2)², B·th·tw, Co] -> [B, Ho, Wo, Co]."""
+  b, a = x_shape[0], m + 2
+  ho, wo, th, tw = _winograd_tiles(x_shape, padding, m)
+  at = _WINOGRAD_MATRICES[m]["at"]
+  mt = mt.reshape(a, a, b, th, tw, mt.shape[-1])
+  rows = [_linear_combination(r, [mt[k] for k in range(a)]) for r in at]  # m x [a, B, th, tw, Co]
+  y = [jnp.stack([_linear_combination(c, [row[k] for k in range(a)]) for c in at], axis=3)
+       for row in rows]                                                  # m x [B, th, tw, m, Co]
+  y = jnp.stack(y, axis=2)                                               # [B, th, m, tw, m, Co]
+  return y.reshape(b, m * th, m * tw, mt.shape[-1])[:, :ho, :wo]
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+def _winograd_conv(x, kernel, padding, m):
+  """Stride-1 3x3 convolution by Winograd F(m x m, 3x3); gradients by the same transforms.
+
+  M = V U is (m+2)² matmuls [N, Ci] @ [Ci, Co] accumulated in float32. The backward pass
+  recomputes V from x (additions) instead of saving it ((m+2)²/m² times the size of x):
+  dM = A dY Aᵀ per tile, d_input = (dM Uᵀ) pushed back through Bᵀ · B, d_kernel = Gᵀ (Vᵀ dM) G,
+  i.e. (m+2)² matmuls each for d_input and d_kernel too."""
+  mt = _winograd_product(_winograd_input_transform(x, padding, m),
+                         _winograd_kernel_transform(kernel, m))
+  return _winograd_output_transform(mt, x.shape, padding, m).astype(x.dtype)
+
+
+def _winograd_product(v, u):
+  """M = V U per transform entry: [A², N, Ci] @ [A², Ci, Co] -> float32 [A², N, Co]."""
+  return lax.dot_general(v, u.astype(v.dtype), (((2,), (1,)), ((0,), (0,))),
+                         preferred_element_type=jnp.float32)
+
+
+def _winograd_conv_fwd(x, kernel, padding, m):
+  return _winograd_conv(x, kernel, padding, m), (x, kernel)
+
+
+def _winograd_output_transform_t(dy, x_shape, padding, m):
+  """The transpose of `_winograd_output_transform`: dM = A dY Aᵀ for every m x m tile of the
+  cotangent dy [B, Ho, Wo, Co] (zero-padded to whole tiles) -> float32 [(m+2)², B·th·tw, Co].
+
+  Tiles of dY do not overlap, so this is a reshape and additions (jax.linear_transpose of the
+  forward transform went through the stack/slice transposes and was 2-10x slower)."""
+  b, co, a = x_shape[0], dy.shape[-1], m + 2
+  ho, wo, th, tw = _winograd_tiles(x_shape, padding, m)
+  dy = jnp.pad(dy.astype(jnp.float32), ((0, 0), (0, m * th - ho), (0, m * tw - wo), (0, 0)))
+  dy = dy.reshape(b, th, m, tw, m, co)
+  at = _WINOGRAD_MATRICES[m]["at"]
+  # A column ξ of A = row ξ of Aᵀ's transpose: dM_ξ = Σ_i Aᵀ[i, ξ] dY_i.
+  a_cols = [[at[i][xi] for i in range(m)] for xi in range(a)]
+  rows = [_linear_combination(c, [dy[:, :, i] for i in range(m)]) for c in a_cols]
+  dm = [_linear_combination(c, [row[:, :, :, j] for j in range(m)])
+        for row in rows for c in a_cols]                              # A² x [B, th, tw, Co]
+  return jnp.stack(dm).reshape(a * a, b * th * tw, co)
+
+
+def _winograd_input_grad(dy, kernel, x_shape, padding, m):
+  """d_input of a stride-1 3x3 convolution: itself a stride-1 3x3 convolution of dy with the
+  kernel flipped and its channel axes swapped, padded by 2 - p on each side, so it runs on
+  the forward Winograd path. (Paddings above 2 would need a crop; they go through
+  jax.linear_transpose of the input transform instead.)"""
+  pads = [p for pair in padding for p in pair]
+  flipped = jnp.transpose(kernel[::-1, ::-1], (0, 1, 3, 2))
+  if max(pads) <= 2:
+    grad_padding = tuple((2 - lo, 2 - hi) for lo, hi in padding)
+    # The output size is H + pad_lo + pad_hi - 2 = x_shape's H: the stride-1 identity above.
+    return _winograd_conv(dy, flipped, grad_padding, m)
+  dm = _winograd_output_transform_t(dy, x_shape, padding, m).astype(dy.dtype)
+  dv = lax.dot_general(dm, _winograd_kernel_transform(kernel, m).astype(dy.dtype),
+                       (((2,), (2,)), ((0,), (0,))),
+                       preferred_element_type=jnp.float32).astype(dy.dtype)
+  (dx,) = jax.linear_transpose(lambda x_: _winograd_input_transform(x_, padding, m),
+                               jax.ShapeDtypeStruct(x_shape, dy.dtype))(dv)
+  return dx
+
+
+def _winograd_conv_bwd(padding, m, residuals, dy):
+  x, kernel = residuals
+  ci, co = kernel.shape[2], kernel.shape[3]
+  dx = _winograd_input_grad(dy.astype(x.dtype), kernel.astype(x.dtype), x.shape, padding, m)
+  dm = _winograd_output_transform_t(dy, x.shape, padding, m).astype(x.dtype)
+  v = _winograd_input_transform(x, padding, m)
+  du = lax.dot_general(v, dm, (((1,), (1,)), ((0,), (0,))),
+                       preferred_element_type=jnp.float32)                  # [A², Ci, Co]
+  g = jnp.asarray(_WINOGRAD_MATRICES[m]["g"], jnp.float32)
+  dk = jnp.einsum("ai,bj,abco->ijco", g, g, du.reshape(m + 2, m + 2, ci, co),
+                  precision=lax.Precision.HIGHEST)
+  return dx.astype(x.dtype), dk.astype(kernel.dtype)
+
+
+_winograd_conv.defvjp(_winograd_conv_fwd, _winograd_conv_bwd)
+
+
 def _im2col_forward(x, kernel, strides, padding):
   if _is_pointwise(kernel.shape, padding):
     return _pointwise_conv(x, kernel, strides)
@@ -269,18 +467,37 @@ def _cpu_patches_win(kernel_shape, output_pixels):
           and output_pixels <= _PATCHES_MAX_OUTPUT_PIXELS)
 
 
+def _cpu_winograd_wins(kernel_shape, strides, output_pixels):
+  """Whether Winograd beat XLA's convolution for this layer on CPU: stride-1 3x3 kernels with
+  at least 14 x 14 output pixels.
+
+  Intel Xeon (AVX-512, AMX) dev CPU, 2 cores, batch 32, forward + d_input + d_kernel, ms
+  (XLA / 'im2col' / Winograd): 56 px x 64 ch 390 / 304 / 185, 28 px x 128 ch 225 / 163 / 122,
+  14 px x 256 ch 169 / 155 / 109, but 7 px x 512 ch 142 / 172 / 217: at 7 px the tiles cover
+  8 x 8 pixels (a third more work) and N = B·16 tiles is too small for the matmuls to gain
+  what the transforms cost (experiments/README.md, "Winograd").
+
+  Args:
+    kernel_shape: (kh, kw, Ci, Co).
+    strides: (sh, sw).
+    output_pixels: Ho·Wo, or None when unknown.
+  """
+  return (_is_winograd_shape(kernel_shape, strides) and output_pixels is not None
+          and output_pixels >= _WINOGRAD_MIN_OUTPUT_PIXELS)
+
+
 def resolve_impl(impl="auto", kernel_shape=None, strides=(1, 1), output_pixels=None):
   """Maps 'auto' to the implementation used on the current default backend.
 
   Args:
-    impl: 'auto', 'xla', 'im2col' or 'patches'.
+    impl: 'auto', 'xla', 'im2col', 'patches' or 'winograd'.
     kernel_shape: optional (kh, kw, Ci, Co); with it, 'auto' on CPU picks
       per layer shape, without it it names the CPU default ('im2col').
     strides: (sh, sw), used with kernel_shape.
     output_pixels: Ho·Wo of one image, used with kernel_shape.
 
   Returns:
-    'xla', 'im2col' or 'patches'.
+    'xla', 'im2col', 'patches' or 'winograd'.
   """
   if impl not in _IMPLS:
     raise ValueError(f"impl must be one of {_IMPLS}, got {impl!r}")
@@ -290,6 +507,8 @@ def resolve_impl(impl="auto", kernel_shape=None, strides=(1, 1), output_pixels=N
     return "xla"
   if kernel_shape is not None and _cpu_patches_win(kernel_shape, output_pixels):
     return "patches"
+  if kernel_shape is not None and _cpu_winograd_wins(kernel_shape, strides, output_pixels):
+    return "winograd"
   if kernel_shape is None or _cpu_im2col_wins(kernel_shape, strides):
     return "im2col"
   return "xla"
@@ -311,10 +530,12 @@ def conv2d(x, kernel, strides=(1, 1), padding=((0, 0), (0, 0)), impl="auto"):
     impl: 'xla' (plain lax conv), 'im2col' (matmul d_kernel accumulated in
       float32; XLA forward and d_input, except for unpadded 1x1 kernels, where
       both are dots too), 'patches' (one patch matmul, for layers
-      with few output pixels), or 'auto' (on CPU 'patches' or 'im2col' for the
-      layer shapes where they measured faster, see `_cpu_patches_win` and
-      `_cpu_im2col_wins`, and 'xla' for the rest; 'xla' on every other
-      backend).
+      with few output pixels), 'winograd' (Winograd F(2x2, 3x3) or F(4x4, 3x3)
+      for stride-1 3x3 kernels, forward and both gradients, see `_winograd_tile`;
+      other layers as 'im2col'), or 'auto' (on CPU 'patches', 'winograd' or
+      'im2col' for the layer shapes where they measured faster, see
+      `_cpu_patches_win`, `_cpu_winograd_wins` and `_cpu_im2col_wins`, and
+      'xla' for the rest; 'xla' on every other backend).
 
   Returns:
     [B, H', W', Co] with H' = (H + top + bottom - kh) // sh + 1, same for W'.
@@ -330,6 +551,8 @@ def conv2d(x, kernel, strides=(1, 1), padding=((0, 0), (0, 0)), impl="auto"):
     return _xla_conv(x, kernel, strides, padding)
   if chosen == "patches":
     return _patches_conv(x, kernel, strides, padding)
+  if chosen == "winograd" and _is_winograd_shape(kernel.shape, strides):
+    return _winograd_conv(x, kernel, padding, _winograd_tile((ho, wo), x.dtype))
   return _im2col_conv(x, kernel, strides, padding)
 
 

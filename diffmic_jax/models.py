@@ -109,7 +109,8 @@ def create_models(config: ml_collections.ConfigDict) -> Models:
   ablation = ABLATIONS[_choice(config.ablation, ABLATIONS, "ablation")]
   dtype = DTYPES[_choice(config.model.dtype, DTYPES, "model.dtype")]
   _choice(config.model.bn_running_var, ("unbiased", "biased"), "model.bn_running_var")
-  _choice(config.model.conv_impl, ("auto", "xla", "im2col", "patches"), "model.conv_impl")
+  _choice(config.model.conv_impl, ("auto", "xla", "im2col", "patches", "winograd"),
+          "model.conv_impl")
   num_classes = int(config.data.num_classes)
   if num_classes < 2:
     raise ValueError(f"config.data.num_classes must be >= 2, got {num_classes}")

@@ -39,7 +39,7 @@ def _parse_args(argv):
   p.add_argument("--dtype", choices=("float32", "bfloat16"),
                  default="float32")
   p.add_argument("--impls", default="xla,im2col",
-                 help="comma-separated fast_conv impls: xla, im2col, patches, auto")
+                 help="comma-separated fast_conv impls: xla, im2col, patches, winograd, auto")
   p.add_argument("--malloc-tune", action="store_true",
                  help="call host.tune_cpu_malloc() first (one arena, "
                  "no mmap/trim of big blocks)")

@@ -22,6 +22,10 @@ _CASES = [
     # the patch matmul).
     ("3x3_s2_p1_to_1x1", (3, 2, 2, 8), (3, 3, 8, 16), (2, 2), ((1, 1), (1, 1))),
     ("3x3_s1_p1_2x2", (3, 2, 2, 8), (3, 3, 8, 8), (1, 1), ((1, 1), (1, 1))),
+    # Winograd F(2x2, 3x3) tiles: odd output sizes (a half-empty last tile), unpadded and
+    # asymmetric padding, a rectangular input.
+    ("3x3_s1_p1_odd_rect", (2, 7, 5, 8), (3, 3, 8, 4), (1, 1), ((1, 1), (1, 1))),
+    ("3x3_s1_valid_asym", (2, 9, 8, 3), (3, 3, 3, 5), (1, 1), ((0, 2), (1, 0))),
 ]
 _IDS = [c[0] for c in _CASES]
 
@@ -54,7 +58,7 @@ def _assert_close(got, want, rtol, atol):
                              atol=atol)
 
 
-@pytest.mark.parametrize("impl", ["im2col", "patches", "auto"])
+@pytest.mark.parametrize("impl", ["im2col", "patches", "winograd", "auto"])
 @pytest.mark.parametrize("name,x_shape,k_shape,strides,padding", _CASES,
                          ids=_IDS)
 def test_matches_lax_float32(name, x_shape, k_shape, strides, padding, impl):
@@ -78,7 +82,7 @@ def test_matches_lax_float32(name, x_shape, k_shape, strides, padding, impl):
   _assert_close(dw, dw_r, 1e-5, 1e-4)
 
 
-@pytest.mark.parametrize("impl", ["im2col", "patches"])
+@pytest.mark.parametrize("impl", ["im2col", "patches", "winograd"])
 @pytest.mark.parametrize("name,x_shape,k_shape,strides,padding", _CASES,
                          ids=_IDS)
 def test_matches_lax_bfloat16(name, x_shape, k_shape, strides, padding, impl):
@@ -115,18 +119,20 @@ def test_matches_lax_bfloat16(name, x_shape, k_shape, strides, padding, impl):
 
   # And the XLA path gives the same within bf16 rounding ('im2col' keeps XLA's forward and
   # d_input for k x k kernels, and its 1x1 dots accumulate in float32 as XLA's CPU conv
-  # does, so those are identical here).
+  # does, so those are identical here; 'winograd' is 'im2col' on the layers it does not
+  # cover).
   y_x, (dx_x, dw_x) = jax.jit(lambda: grads("xla"))()
-  exact = 0 if impl == "im2col" else 1
+  winograd_layer = fast_conv._is_winograd_shape(k_shape, strides)  # pylint: disable=protected-access
+  exact = 0 if impl == "im2col" or (impl == "winograd" and not winograd_layer) else 1
   _assert_close(y, y_x, 2e-2 * exact, 2e-2 * exact * scale(y_r))
   _assert_close(dx, dx_x, 2e-2 * exact, 2e-2 * exact * scale(dx_r))
   _assert_close(dw, dw_x, 2e-2, 2e-2 * scale(dw_r))
 
 
-@pytest.mark.parametrize("impl", ["im2col", "patches"])
+@pytest.mark.parametrize("impl", ["im2col", "patches", "winograd"])
 @pytest.mark.parametrize("name,x_shape,k_shape,strides,padding",
-                         [_CASES[0], _CASES[2], _CASES[4], _CASES[6]],
-                         ids=[_IDS[0], _IDS[2], _IDS[4], _IDS[6]])
+                         [_CASES[0], _CASES[1], _CASES[2], _CASES[4], _CASES[6], _CASES[9]],
+                         ids=[_IDS[0], _IDS[1], _IDS[2], _IDS[4], _IDS[6], _IDS[9]])
 def test_vmap_of_grad(name, x_shape, k_shape, strides, padding, impl):
   """Per-example gradients: vmap over grad, both x and the kernel batched."""
   del name
@@ -166,12 +172,51 @@ def test_second_order_grad_and_grad_of_jit():
   _assert_close(hv, hv_r, 1e-4, 1e-3)
 
 
+def test_winograd_computes_stride1_3x3_without_xla_convolution():
+  """'winograd' must really take the F(2x2, 3x3) path (16 batched matmuls, no convolution op)
+  for stride-1 3x3 kernels, forward and both gradients, and leave other layers to 'im2col'."""
+  x, w, _ = _inputs((2, 6, 6, 4), (3, 3, 4, 8), jnp.float32)
+  pad = ((1, 1), (1, 1))
+  loss = lambda s: (lambda a, b: jnp.sum(fast_conv.conv2d(a, b, s, pad, "winograd") ** 2))
+  jaxpr = str(jax.make_jaxpr(jax.grad(loss((1, 1)), argnums=(0, 1)))(x, w))
+  assert "conv_general_dilated" not in jaxpr
+  assert jaxpr.count("dot_general") >= 3                  # forward, d_input, d_kernel
+  strided = str(jax.make_jaxpr(jax.grad(loss((2, 2)), argnums=(0, 1)))(x, w))
+  assert "conv_general_dilated" in strided                # stride 2: not a Winograd layer
+
+
+# Padding above 2 on a side: d_input cannot be the padded forward Winograd convolution and
+# takes the transposed input transform instead.
+_WIDE_PAD = ("3x3_s1_pad3", (2, 5, 6, 4), (3, 3, 4, 4), (1, 1), ((3, 1), (0, 3)))
+
+
+@pytest.mark.parametrize("tile", [2, 4])
+@pytest.mark.parametrize("name,x_shape,k_shape,strides,padding",
+                         [_CASES[1], _CASES[7], _CASES[8], _CASES[9], _WIDE_PAD],
+                         ids=[_IDS[1], _IDS[7], _IDS[8], _IDS[9], _WIDE_PAD[0]])
+def test_winograd_tiles_match_lax(name, x_shape, k_shape, strides, padding, tile, monkeypatch):
+  """Both output tiles, F(2x2, 3x3) and F(4x4, 3x3), values and gradients under jit. F(4x4)'s
+  transform coefficients (up to 8 and 1/24) cost float32 digits, hence its looser bound."""
+  del name
+  monkeypatch.setattr(fast_conv, "_winograd_tile", lambda output_hw, dtype: tile)
+  x, w, kd = _inputs(x_shape, k_shape, jnp.float32)
+  dy = jax.random.normal(kd, _ref_conv(x, w, strides, padding).shape)
+  y_r, dx_r, dw_r = _value_and_grads(lambda a, b: _ref_conv(a, b, strides, padding), x, w, dy)
+  y, dx, dw = jax.jit(lambda a, b: _value_and_grads(
+      lambda x_, w_: fast_conv.conv2d(x_, w_, strides, padding, "winograd"), a, b, dy))(x, w)
+  tol = 1e-5 if tile == 2 else 1e-4
+  _assert_close(y, y_r, tol, tol)
+  _assert_close(dx, dx_r, tol, tol)
+  _assert_close(dw, dw_r, tol, 10 * tol)
+
+
 def test_auto_resolves_by_backend():
   on_cpu = jax.default_backend() == "cpu"
   assert fast_conv.resolve_impl("auto") == ("im2col" if on_cpu else "xla")
   assert fast_conv.resolve_impl("xla") == "xla"
   assert fast_conv.resolve_impl("im2col") == "im2col"
   assert fast_conv.resolve_impl("patches") == "patches"
+  assert fast_conv.resolve_impl("winograd") == "winograd"
   # Per layer shape on CPU: 1x1 kernels take the matmul backward, larger
   # kernels keep XLA's.
   per_shape = {
@@ -191,6 +236,18 @@ def test_auto_resolves_by_backend():
   for (k_shape, pixels), want in per_output.items():
     got = fast_conv.resolve_impl("auto", k_shape, (1, 1), output_pixels=pixels)
     assert got == (want if on_cpu else "xla"), (k_shape, pixels)
+  # Stride-1 3x3 layers from 14 x 14 output pixels on: Winograd.
+  per_winograd = {((3, 3, 64, 64), (1, 1), 56 * 56): "winograd",
+                  ((3, 3, 256, 256), (1, 1), 14 * 14): "winograd",
+                  ((3, 3, 512, 512), (1, 1), 7 * 7): "xla",
+                  ((3, 3, 64, 128), (2, 2), 28 * 28): "xla"}
+  for (k_shape, strides, pixels), want in per_winograd.items():
+    got = fast_conv.resolve_impl("auto", k_shape, strides, output_pixels=pixels)
+    assert got == (want if on_cpu else "xla"), (k_shape, strides, pixels)
+  # F(4x4, 3x3) only in float32 and from 28 px a side; bfloat16 keeps the additions-only F(2x2).
+  tile = fast_conv._winograd_tile  # pylint: disable=protected-access
+  assert tile((56, 56), jnp.float32) == 4 and tile((28, 28), jnp.float32) == 4
+  assert tile((14, 14), jnp.float32) == 2 and tile((56, 56), jnp.bfloat16) == 2
   with pytest.raises(ValueError):
     fast_conv.resolve_impl("cudnn")
   with pytest.raises(ValueError):
