@@ -49,6 +49,8 @@ import jax
 from jax import lax
 import jax.numpy as jnp
 
+from diffmic_jax import host
+
 _DIMENSION_NUMBERS = ("NHWC", "HWIO", "NHWC")
 
 # Budget for one im2col chunk in bytes. A chunk is a whole number of kernel
@@ -286,6 +288,9 @@ def _winograd_input_transform(x, padding, m):
   xp = lax.pad(x, jnp.zeros((), x.dtype),
                ((0, 0, 0), (padding[0][0], m * th + 2 - x.shape[1] - padding[0][0], 0),
                 (padding[1][0], m * tw + 2 - x.shape[2] - padding[1][0], 0), (0, 0, 0)))
+  # The barrier makes xp a buffer: without it XLA fuses x's producer (BatchNorm and ReLU
+  # inside a training step) into every one of the (m + 2)² terms that read it.
+  xp = lax.optimization_barrier(xp)
   rows = _winograd_bt_1d(xp, 1, th, m)
   v = [col for row in rows for col in _winograd_bt_1d(row, 2, tw, m)]
   return jnp.stack(v).reshape((m + 2) ** 2, b * th * tw, ci)
@@ -344,7 +349,7 @@ def _winograd_output_transform_t(dy, x_shape, padding, m):
   b, co, a = x_shape[0], dy.shape[-1], m + 2
   ho, wo, th, tw = _winograd_tiles(x_shape, padding, m)
   dy = jnp.pad(dy.astype(jnp.float32), ((0, 0), (0, m * th - ho), (0, m * tw - wo), (0, 0)))
-  dy = dy.reshape(b, th, m, tw, m, co)
+  dy = lax.optimization_barrier(dy).reshape(b, th, m, tw, m, co)   # as in the input transform
   at = _WINOGRAD_MATRICES[m]["at"]
   # A column ξ of A = row ξ of Aᵀ's transpose: dM_ξ = Σ_i Aᵀ[i, ξ] dY_i.
   a_cols = [[at[i][xi] for i in range(m)] for xi in range(a)]
@@ -422,30 +427,37 @@ def _im2col_conv_bwd(strides, padding, residuals, dy):
 _im2col_conv.defvjp(_im2col_conv_fwd, _im2col_conv_bwd)
 
 
-def _cpu_im2col_wins(kernel_shape, strides):
-  """Whether the matmul d_kernel beat XLA's for this layer on the dev CPU.
+def _cpu_im2col_wins(kernel_shape, strides, output_pixels=None):
+  """Whether the matmul d_kernel beat XLA's for this layer on the dev CPUs.
 
-  Measured with experiments/conv_benchmark.py (ResNet-18/50 at 224 px, batch
-  32, 2-core Zen 3 VM): XLA's d_kernel runs every 1x1 convolution at 2-30
-  GFLOP/s and the matmul path is 2.5-10x faster there. For 3x3 and 7x7
-  kernels the im2col copies cost about what they save: the 56x56x64 stride-1
-  layer was 1.3x faster on a quiet machine but 0.8x with other processes on
-  the cores (XLA's kernel there is single-threaded, so it suffers less from
-  contention), and the stride-2 and >= 128-channel 3x3 layers, where XLA
-  reaches 60-180 GFLOP/s, were 0.6-1.0x. So only 1x1 kernels switch. On the
-  Zen 4 (AVX-512) dev CPU the 1x1 forward and d_input as dots then halved those
-  layers' time again (`_pointwise_conv`; warm-up step 8.0 -> 7.4 s, 2 cores).
+  1x1 kernels, on every CPU: measured with experiments/conv_benchmark.py (ResNet-18/50 at
+  224 px, batch 32, 2-core Zen 3 VM), XLA's d_kernel runs every 1x1 convolution at 2-30
+  GFLOP/s and the matmul path is 2.5-10x faster there; on the Zen 4 (AVX-512) dev CPU the 1x1
+  forward and d_input as dots then halved those layers' time again (`_pointwise_conv`;
+  warm-up step 8.0 -> 7.4 s, 2 cores). On those AMD CPUs the im2col copies of 3x3 and 7x7
+  kernels cost about what they save (0.6-1.0x on the stride-2 layers, 0.96x on the stem), so
+  larger kernels keep XLA's convolution there.
+
+  Larger kernels on an Intel CPU, from 7 x 7 output pixels on: on the Intel Xeon (AVX-512,
+  AMX) dev CPU XLA's d_kernel was much slower (the 224 px stem's 516 ms against the im2col
+  matmul's 223; the stride-2 3x3 layers 154, 140, 80 ms against 117, 92, 60), forward +
+  backward 582 -> 252 ms on the stem and 1.2-1.5x on the stride-2 and 7 px 3x3 layers; the
+  local net's 4 x 4-pixel 3x3 layer was 2.7x slower (8 against 22 ms), hence the floor.
 
   Args:
     kernel_shape: (kh, kw, Ci, Co).
     strides: (sh, sw); unused today, kept so the rule can depend on it.
+    output_pixels: Ho·Wo, or None when unknown.
 
   Returns:
     True to use the im2col backward.
   """
   del strides
   kh, kw, _, _ = kernel_shape
-  return kh == 1 and kw == 1
+  if kh == 1 and kw == 1:
+    return True
+  return (_cpu_vendor() == "GenuineIntel" and output_pixels is not None
+          and output_pixels >= _INTEL_IM2COL_MIN_OUTPUT_PIXELS)
 
 
 def _cpu_patches_win(kernel_shape, output_pixels):
@@ -465,6 +477,17 @@ def _cpu_patches_win(kernel_shape, output_pixels):
   kh, kw, _, _ = kernel_shape
   return (output_pixels is not None and kh * kw > 1
           and output_pixels <= _PATCHES_MAX_OUTPUT_PIXELS)
+
+
+# 'auto' on an Intel CPU computes the k x k layers that neither Winograd nor the patch matmul
+# take with the im2col d_kernel from this many output pixels on (`_cpu_im2col_wins`).
+_INTEL_IM2COL_MIN_OUTPUT_PIXELS = 7 * 7
+
+
+@functools.cache
+def _cpu_vendor():
+  """The CPU's vendor string ('GenuineIntel', 'AuthenticAMD', '' where unknown), read once."""
+  return host.cpu_description()["vendor"]
 
 
 def _cpu_winograd_wins(kernel_shape, strides, output_pixels):
@@ -509,7 +532,7 @@ def resolve_impl(impl="auto", kernel_shape=None, strides=(1, 1), output_pixels=N
     return "patches"
   if kernel_shape is not None and _cpu_winograd_wins(kernel_shape, strides, output_pixels):
     return "winograd"
-  if kernel_shape is None or _cpu_im2col_wins(kernel_shape, strides):
+  if kernel_shape is None or _cpu_im2col_wins(kernel_shape, strides, output_pixels):
     return "im2col"
   return "xla"
 

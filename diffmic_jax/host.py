@@ -78,7 +78,8 @@ VECTOR_EXTENSIONS = ("sse4_2", "avx", "avx2", "fma", "avx512f", "avx512bw", "avx
 
 
 def cpu_description(cpuinfo: str | None = None) -> dict:
-  """{'model': CPU model name, 'vector_extensions': sorted list, 'cores': logical CPUs}.
+  """{'model': CPU model name, 'vendor': e.g. 'GenuineIntel' or 'AuthenticAMD' ('' where not
+  known), 'vector_extensions': sorted list, 'cores': logical CPUs}.
 
   Args:
     cpuinfo: the text of /proc/cpuinfo; None reads it (Linux), else falls back to `platform`.
@@ -100,7 +101,7 @@ def cpu_description(cpuinfo: str | None = None) -> dict:
   model = fields.get("model name", "") or platform.processor() or platform.machine()
   if "cpu family" in fields:  # x86: the family and model tell generations of one brand apart
     model += f" (family {fields['cpu family']}, model {fields.get('model', '?')})"
-  return {"model": model,
+  return {"model": model, "vendor": fields.get("vendor_id", ""),
           "vector_extensions": sorted(flags & set(VECTOR_EXTENSIONS)),
           "cores": os.cpu_count()}
 

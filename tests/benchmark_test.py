@@ -103,7 +103,9 @@ def test_cpu_description_reads_model_and_vector_extensions():
   assert cpu["model"] == "Intel(R) Xeon(R) Platinum 8481C (family 6, model 143)"
   assert cpu["vector_extensions"] == ["amx_tile", "avx", "avx2", "avx512_bf16", "avx512bw",
                                       "avx512f", "fma", "sse4_2"]
+  assert cpu["vendor"] == "GenuineIntel"      # fast_conv's 'auto' rules differ by vendor
   assert host.cpu_description("")["vector_extensions"] == []
+  assert host.cpu_description("")["vendor"] == ""
 
 
 @pytest.mark.skipif(not os.path.exists("/proc/self/clear_refs"), reason="Linux only")

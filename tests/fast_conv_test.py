@@ -210,26 +210,33 @@ def test_winograd_tiles_match_lax(name, x_shape, k_shape, strides, padding, tile
   _assert_close(dw, dw_r, tol, 10 * tol)
 
 
-def test_auto_resolves_by_backend():
+@pytest.mark.parametrize("vendor", ["AuthenticAMD", "GenuineIntel"])
+def test_auto_resolves_by_backend(vendor, monkeypatch):
+  monkeypatch.setattr(fast_conv, "_cpu_vendor", lambda: vendor)
   on_cpu = jax.default_backend() == "cpu"
+  intel = vendor == "GenuineIntel"
   assert fast_conv.resolve_impl("auto") == ("im2col" if on_cpu else "xla")
   assert fast_conv.resolve_impl("xla") == "xla"
   assert fast_conv.resolve_impl("im2col") == "im2col"
   assert fast_conv.resolve_impl("patches") == "patches"
   assert fast_conv.resolve_impl("winograd") == "winograd"
-  # Per layer shape on CPU: 1x1 kernels take the matmul backward, larger
-  # kernels keep XLA's.
+  # Per layer shape on CPU (7 x 7 output pixels): 1x1 kernels take the matmul backward, larger
+  # kernels keep XLA's on AMD and take the matmul d_kernel too on Intel.
+  kxk = "im2col" if intel else "xla"
   per_shape = {
       ((1, 1, 256, 512), (2, 2)): "im2col",
       ((1, 1, 64, 256), (1, 1)): "im2col",
-      ((3, 3, 64, 64), (1, 1)): "xla",
-      ((7, 7, 3, 64), (2, 2)): "xla",
-      ((3, 3, 64, 128), (2, 2)): "xla",
-      ((3, 3, 512, 512), (1, 1)): "xla",
+      ((3, 3, 64, 64), (1, 1)): kxk,
+      ((7, 7, 3, 64), (2, 2)): kxk,
+      ((3, 3, 64, 128), (2, 2)): kxk,
+      ((3, 3, 512, 512), (1, 1)): kxk,
   }
   for (k_shape, strides), want in per_shape.items():
     got = fast_conv.resolve_impl("auto", k_shape, strides, output_pixels=49)
     assert got == (want if on_cpu else "xla"), (k_shape, strides)
+  # Below 7 x 7 output pixels (the local net's 4 x 4 layers) Intel keeps XLA's too.
+  got = fast_conv.resolve_impl("auto", (3, 3, 128, 128), (1, 1), output_pixels=16)
+  assert got == "xla"
   # A few output pixels (the local net on 32 px crops): k x k kernels take the patch matmul.
   per_output = {((3, 3, 256, 512), 1): "patches", ((3, 3, 256, 256), 4): "patches",
                 ((3, 3, 128, 128), 16): "xla", ((1, 1, 512, 2048), 1): "im2col"}
@@ -239,8 +246,8 @@ def test_auto_resolves_by_backend():
   # Stride-1 3x3 layers from 14 x 14 output pixels on: Winograd.
   per_winograd = {((3, 3, 64, 64), (1, 1), 56 * 56): "winograd",
                   ((3, 3, 256, 256), (1, 1), 14 * 14): "winograd",
-                  ((3, 3, 512, 512), (1, 1), 7 * 7): "xla",
-                  ((3, 3, 64, 128), (2, 2), 28 * 28): "xla"}
+                  ((3, 3, 512, 512), (1, 1), 7 * 7): kxk,
+                  ((3, 3, 64, 128), (2, 2), 28 * 28): kxk}
   for (k_shape, strides, pixels), want in per_winograd.items():
     got = fast_conv.resolve_impl("auto", k_shape, strides, output_pixels=pixels)
     assert got == (want if on_cpu else "xla"), (k_shape, strides, pixels)
