@@ -78,7 +78,8 @@ def get_config() -> ml_collections.ConfigDict:
   # rather than copy the guidance; 0 = off (official).
   model.cond_dropout = 0.0
   model.dtype = "float32"  # compute dtype: float32 | bfloat16 (params, stats stay float32).
-  model.conv_impl = "auto"  # auto | xla | im2col | patches: convolution formulation (CPU speed).
+  # auto | xla | im2col | patches | winograd: convolution formulation (CPU speed only).
+  model.conv_impl = "auto"
   model.bn_running_var = "unbiased"  # unbiased (PyTorch parity) | biased (Flax default).
 
   # CARD diffusion, REFERENCE.md §5.
