@@ -288,8 +288,9 @@ def _winograd_input_transform(x, padding, m):
   xp = lax.pad(x, jnp.zeros((), x.dtype),
                ((0, 0, 0), (padding[0][0], m * th + 2 - x.shape[1] - padding[0][0], 0),
                 (padding[1][0], m * tw + 2 - x.shape[2] - padding[1][0], 0), (0, 0, 0)))
-  # The barrier makes xp a buffer: without it XLA fuses x's producer (BatchNorm and ReLU
-  # inside a training step) into every one of the (m + 2)² terms that read it.
+  # The barrier makes xp one buffer that all (m + 2)² terms read, so that x's producer
+  # (BatchNorm and ReLU inside a training step) is not a candidate for fusion into each term
+  # (no whole-step speed difference was resolved on the Intel dev VM either way).
   xp = lax.optimization_barrier(xp)
   rows = _winograd_bt_1d(xp, 1, th, m)
   v = [col for row in rows for col in _winograd_bt_1d(row, 2, tw, m)]
@@ -323,8 +324,9 @@ def _winograd_conv(x, kernel, padding, m):
 
   M = V U is (m+2)² matmuls [N, Ci] @ [Ci, Co] accumulated in float32. The backward pass
   recomputes V from x (additions) instead of saving it ((m+2)²/m² times the size of x):
-  dM = A dY Aᵀ per tile, d_input = (dM Uᵀ) pushed back through Bᵀ · B, d_kernel = Gᵀ (Vᵀ dM) G,
-  i.e. (m+2)² matmuls each for d_input and d_kernel too."""
+  dM = A dY Aᵀ per tile, d_kernel = Gᵀ (Vᵀ dM) G, and d_input the same forward Winograd
+  convolution of dY with the flipped kernel (`_winograd_input_grad`), i.e. (m+2)² matmuls each
+  for d_input and d_kernel too."""
   mt = _winograd_product(_winograd_input_transform(x, padding, m),
                          _winograd_kernel_transform(kernel, m))
   return _winograd_output_transform(mt, x.shape, padding, m).astype(x.dtype)
@@ -359,18 +361,18 @@ def _winograd_output_transform_t(dy, x_shape, padding, m):
   return jnp.stack(dm).reshape(a * a, b * th * tw, co)
 
 
-def _winograd_input_grad(dy, kernel, x_shape, padding, m):
+def _winograd_input_grad(dy, dm, kernel, x_shape, padding, m):
   """d_input of a stride-1 3x3 convolution: itself a stride-1 3x3 convolution of dy with the
   kernel flipped and its channel axes swapped, padded by 2 - p on each side, so it runs on
   the forward Winograd path. (Paddings above 2 would need a crop; they go through
-  jax.linear_transpose of the input transform instead.)"""
+  jax.linear_transpose of the input transform instead, from dm = A dY Aᵀ of
+  `_winograd_output_transform_t`, which the caller computes for d_kernel anyway.)"""
   pads = [p for pair in padding for p in pair]
   flipped = jnp.transpose(kernel[::-1, ::-1], (0, 1, 3, 2))
   if max(pads) <= 2:
     grad_padding = tuple((2 - lo, 2 - hi) for lo, hi in padding)
     # The output size is H + pad_lo + pad_hi - 2 = x_shape's H: the stride-1 identity above.
     return _winograd_conv(dy, flipped, grad_padding, m)
-  dm = _winograd_output_transform_t(dy, x_shape, padding, m).astype(dy.dtype)
   dv = lax.dot_general(dm, _winograd_kernel_transform(kernel, m).astype(dy.dtype),
                        (((2,), (2,)), ((0,), (0,))),
                        preferred_element_type=jnp.float32).astype(dy.dtype)
@@ -382,8 +384,8 @@ def _winograd_input_grad(dy, kernel, x_shape, padding, m):
 def _winograd_conv_bwd(padding, m, residuals, dy):
   x, kernel = residuals
   ci, co = kernel.shape[2], kernel.shape[3]
-  dx = _winograd_input_grad(dy.astype(x.dtype), kernel.astype(x.dtype), x.shape, padding, m)
   dm = _winograd_output_transform_t(dy, x.shape, padding, m).astype(x.dtype)
+  dx = _winograd_input_grad(dy.astype(x.dtype), dm, kernel.astype(x.dtype), x.shape, padding, m)
   v = _winograd_input_transform(x, padding, m)
   du = lax.dot_general(v, dm, (((1,), (1,)), ((0,), (0,))),
                        preferred_element_type=jnp.float32)                  # [A², Ci, Co]
