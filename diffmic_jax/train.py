@@ -21,6 +21,7 @@ import tqdm
 from diffmic_jax import distributed
 from diffmic_jax import errors
 from diffmic_jax import evaluate
+from diffmic_jax import host
 from diffmic_jax import input_pipeline
 from diffmic_jax import losses
 from diffmic_jax import optim
@@ -149,6 +150,16 @@ def _validation_epoch(run: run_lib.Run, stage: Stage, done: int):
   return epoch if due else None
 
 
+def _compile(step_fn, state, batch):
+  """Compiles a jitted step for this state and batch before its first call, then gives the
+  compiler's freed working memory back to the kernel (`host.release_free_memory`), so the
+  first call's block of temporaries is not stacked on top of it (paper joint step: about 1 GB
+  less peak memory on CPU)."""
+  compiled = step_fn.lower(state, batch).compile()
+  host.release_free_memory()
+  return compiled
+
+
 def run_stage(run: run_lib.Run, stage: Stage, step_fn, state, train_iter, meta, writer):
   """Trains one stage from the state's step to its end; returns the new state.
 
@@ -170,6 +181,8 @@ def run_stage(run: run_lib.Run, stage: Stage, step_fn, state, train_iter, meta, 
   try:  # the bar is closed before an error is printed, so the error is the last line
     for step in range(first, end):
       batch, iter_state = next(batches)
+      if step == first:
+        step_fn = _compile(step_fn, state, batch)
       profiler.before(step)
       with profiler.annotate(step):
         state, metrics = step_fn(state, batch)

@@ -267,6 +267,7 @@ def benchmark_inference(models, variables, mesh, samplers, batches, repeats, flo
       start = time.perf_counter()
       compiled = fn.lower(variables, images, key).compile()
       compile_s = time.perf_counter() - start
+      host.release_free_memory()
       call = lambda: jax.block_until_ready(compiled(variables, images, key))  # pylint: disable=cell-var-from-loop
       first = _time_calls(call, 1)[0]
       times = _time_calls(call, repeats)
@@ -304,6 +305,7 @@ def benchmark_training(models, config, mesh, stages, batches, repeats, want_flop
       lowered = fn.lower(state, batch_arrays)
       compiled = lowered.compile()
       compile_s = time.perf_counter() - start
+      host.release_free_memory()  # as train.run_stage does before a stage's first step
       flops = None
       if want_flops:
         flops = float(lowered.cost_analysis()["flops"]) / batch

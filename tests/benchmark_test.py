@@ -159,6 +159,38 @@ def test_tune_cpu_malloc_reuses_a_freed_multi_gigabyte_block():
   assert resident > _BLOCK * 3 // 4  # kept by the process after free
 
 
+
+_RELEASE_PROBE = """
+import ctypes, os
+from diffmic_jax import host
+assert host.tune_cpu_malloc()
+libc = ctypes.CDLL("libc.so.6")
+libc.malloc.restype, libc.malloc.argtypes = ctypes.c_void_p, [ctypes.c_size_t]
+libc.free.argtypes = [ctypes.c_void_p]
+resident = lambda: int(open("/proc/self/statm").read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+size = 1 << 29  # 512 MiB, freed in the middle of the heap: a later block keeps it off the top
+block = libc.malloc(size)
+ctypes.memset(block, 1, size)
+later = libc.malloc(1 << 20)
+ctypes.memset(later, 1, 1 << 20)
+libc.free(block)
+kept = resident()
+released = host.release_free_memory()
+print(kept, resident(), int(released))
+"""
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="glibc only")
+def test_release_free_memory_returns_a_freed_block_from_the_middle_of_the_heap():
+  """Under tune_cpu_malloc nothing is trimmed, so memory freed once (the compiler's working
+  memory) stays resident until release_free_memory gives it back, also when it is not at the
+  heap's top; train.run_stage calls it between compiling a step and running it."""
+  out = subprocess.run([sys.executable, "-c", _RELEASE_PROBE], check=True, capture_output=True,
+                       text=True, cwd=conftest.REPO).stdout
+  kept, after, released = (int(v) for v in out.split())
+  assert kept - after > (1 << 29) * 3 // 4
+  assert released == 1
+
 def _thp_never() -> bool:
   try:
     with open("/sys/kernel/mm/transparent_hugepage/enabled") as f:
