@@ -56,9 +56,8 @@ def tune_cpu_malloc():
   Returns:
     True if all three mallopt calls succeeded (glibc only), else False.
   """
-  try:
-    libc = ctypes.CDLL("libc.so.6")
-  except OSError:
+  libc = _glibc()
+  if libc is None:
     return False
   m_trim_threshold, m_mmap_threshold, m_mmap_max, m_arena_max = -1, -3, -4, -8
   ok = libc.mallopt(m_arena_max, 1)
@@ -69,6 +68,13 @@ def tune_cpu_malloc():
   ok &= libc.mallopt(m_trim_threshold, -1)
   return bool(ok)
 
+
+def _glibc():
+  """glibc as a ctypes library, or None where there is none (macOS, musl)."""
+  try:
+    return ctypes.CDLL("libc.so.6")
+  except OSError:
+    return None
 
 
 def release_free_memory() -> bool:
@@ -85,11 +91,9 @@ def release_free_memory() -> bool:
   Returns:
     True if glibc released memory, False where nothing was released or there is no glibc.
   """
-  try:
-    libc = ctypes.CDLL("libc.so.6")
-  except OSError:
-    return False
-  return bool(libc.malloc_trim(0))
+  libc = _glibc()
+  return libc is not None and bool(libc.malloc_trim(0))
+
 
 # Vector instruction sets that decide CPU matmul/convolution speed (x86 and Arm names as
 # /proc/cpuinfo spells them).

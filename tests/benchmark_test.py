@@ -120,13 +120,16 @@ def test_peak_memory_is_reset_per_row():
   assert host.peak_rss_bytes() < grown - 48 * 2**20
 
 
-_REUSE_PROBE = """
+# A fresh process (mallopt only affects arenas made later) with glibc's malloc and free.
+_PROBE_PRELUDE = """
 import ctypes, os, resource
 from diffmic_jax import host
 assert host.tune_cpu_malloc()
 libc = ctypes.CDLL("libc.so.6")
 libc.malloc.restype, libc.malloc.argtypes = ctypes.c_void_p, [ctypes.c_size_t]
 libc.free.argtypes = [ctypes.c_void_p]
+"""
+_REUSE_PROBE = _PROBE_PRELUDE + """
 size = 5 << 29  # 2.5 GiB: above any mmap threshold an int can set (a paper step's temp block is 3.3 GB)
 faults = []
 for _ in range(2):
@@ -141,11 +144,15 @@ print(*faults, resident)
 _BLOCK = 5 << 29
 
 
-def _reuse_probe(**env):
+def _run_probe(script, **env):
   environ = {k: v for k, v in os.environ.items() if k != "GLIBC_TUNABLES"}
-  out = subprocess.run([sys.executable, "-c", _REUSE_PROBE], check=True, capture_output=True,
+  out = subprocess.run([sys.executable, "-c", script], check=True, capture_output=True,
                        text=True, cwd=conftest.REPO, env={**environ, **env}).stdout
   return (int(v) for v in out.split())
+
+
+def _reuse_probe(**env):
+  return _run_probe(_REUSE_PROBE, **env)
 
 
 @pytest.mark.skipif(sys.platform != "linux", reason="glibc only")
@@ -159,14 +166,7 @@ def test_tune_cpu_malloc_reuses_a_freed_multi_gigabyte_block():
   assert resident > _BLOCK * 3 // 4  # kept by the process after free
 
 
-
-_RELEASE_PROBE = """
-import ctypes, os
-from diffmic_jax import host
-assert host.tune_cpu_malloc()
-libc = ctypes.CDLL("libc.so.6")
-libc.malloc.restype, libc.malloc.argtypes = ctypes.c_void_p, [ctypes.c_size_t]
-libc.free.argtypes = [ctypes.c_void_p]
+_RELEASE_PROBE = _PROBE_PRELUDE + """
 resident = lambda: int(open("/proc/self/statm").read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 size = 1 << 29  # 512 MiB, freed in the middle of the heap: a later block keeps it off the top
 block = libc.malloc(size)
@@ -185,11 +185,10 @@ def test_release_free_memory_returns_a_freed_block_from_the_middle_of_the_heap()
   """Under tune_cpu_malloc nothing is trimmed, so memory freed once (the compiler's working
   memory) stays resident until release_free_memory gives it back, also when it is not at the
   heap's top; train.run_stage calls it between compiling a step and running it."""
-  out = subprocess.run([sys.executable, "-c", _RELEASE_PROBE], check=True, capture_output=True,
-                       text=True, cwd=conftest.REPO).stdout
-  kept, after, released = (int(v) for v in out.split())
+  kept, after, released = _run_probe(_RELEASE_PROBE)
   assert kept - after > (1 << 29) * 3 // 4
   assert released == 1
+
 
 def _thp_never() -> bool:
   try:
