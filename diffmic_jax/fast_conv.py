@@ -438,7 +438,10 @@ def _cpu_im2col_wins(kernel_shape, strides, output_pixels=None):
   forward and d_input as dots then halved those layers' time again (`_pointwise_conv`;
   warm-up step 8.0 -> 7.4 s, 2 cores). On those AMD CPUs the im2col copies of 3x3 and 7x7
   kernels cost about what they save (0.6-1.0x on the stride-2 layers, 0.96x on the stem), so
-  larger kernels keep XLA's convolution there.
+  larger kernels keep XLA's convolution there. On the Zen 5 (AVX-512) dev CPU the im2col
+  d_kernel won on the stem and the 7-14 px k x k layers alone (1.05-1.44x) but lost at
+  56 -> 28 px, and neither Intel's rule nor one fitted to those layers changed a whole warm-up
+  or joint step beyond its 2-5 % call-to-call spread (experiments/README.md, "AMD Zen 5").
 
   Larger kernels on an Intel CPU, from 7 x 7 output pixels on: on the Intel Xeon (AVX-512,
   AMX) dev CPU XLA's d_kernel was much slower (the 224 px stem's 516 ms against the im2col

@@ -381,10 +381,11 @@ def run(config, batches, train_batches, only, sampler_entries, stages, repeats,
       "guidance_backbone": config.guidance.backbone, "encoder": config.model.encoder,
       "feature_dim": config.model.feature_dim, "timesteps": models.num_timesteps,
       "dtype": config.model.dtype, "conv_impl": config.model.conv_impl},
-            "jax_version": jax.__version__, "load_average": os.getloadavg()}
+            "jax_version": jax.__version__, "load_average": os.getloadavg(),
+            "malloc": host.malloc_in_use()}
   print(f"device: {result['device']}; CPU: {result['cpu']['model']}, "
         f"{result['cpu']['cores']} logical cores, {' '.join(result['cpu']['vector_extensions'])}; "
-        f"config: {result['config']}", flush=True)
+        f"malloc: {result['malloc']}; config: {result['config']}", flush=True)
   result["matmul_peak_gflops"] = matmul_peak_gflops(matmul_size, matmul_repeats)
   print(f"float32 matmul peak ({matmul_size}²): {result['matmul_peak_gflops']:.1f} GFLOP/s",
         flush=True)

@@ -1,6 +1,7 @@
 """experiments/benchmark.py's comparison with the official code's JSON, and the host probes
 it reports (CPU kind, per-row peak memory)."""
 
+import ctypes.util
 import json
 import os
 import subprocess
@@ -120,12 +121,13 @@ def test_peak_memory_is_reset_per_row():
   assert host.peak_rss_bytes() < grown - 48 * 2**20
 
 
-# A fresh process (mallopt only affects arenas made later) with glibc's malloc and free.
+# A fresh process (mallopt only affects arenas made later) with the process's malloc and free:
+# glibc's, or a preloaded allocator's (LD_PRELOAD puts it first in the global scope).
 _PROBE_PRELUDE = """
 import ctypes, os, resource
 from diffmic_jax import host
 assert host.tune_cpu_malloc()
-libc = ctypes.CDLL("libc.so.6")
+libc = ctypes.CDLL(None)
 libc.malloc.restype, libc.malloc.argtypes = ctypes.c_void_p, [ctypes.c_size_t]
 libc.free.argtypes = [ctypes.c_void_p]
 """
@@ -176,7 +178,7 @@ ctypes.memset(later, 1, 1 << 20)
 libc.free(block)
 kept = resident()
 released = host.release_free_memory()
-print(kept, resident(), int(released))
+print(kept, resident(), int(released), int(host.malloc_in_use() == "tcmalloc"))
 """
 
 
@@ -185,7 +187,23 @@ def test_release_free_memory_returns_a_freed_block_from_the_middle_of_the_heap()
   """Under tune_cpu_malloc nothing is trimmed, so memory freed once (the compiler's working
   memory) stays resident until release_free_memory gives it back, also when it is not at the
   heap's top; train.run_stage calls it between compiling a step and running it."""
-  kept, after, released = _run_probe(_RELEASE_PROBE)
+  kept, after, released, tcmalloc = _run_probe(_RELEASE_PROBE)
+  assert kept - after > (1 << 29) * 3 // 4
+  assert released == 1
+  assert tcmalloc == 0
+
+
+_TCMALLOC = ctypes.util.find_library("tcmalloc_minimal") or ctypes.util.find_library("tcmalloc")
+
+
+@pytest.mark.skipif(sys.platform != "linux" or not _TCMALLOC,
+                    reason="needs gperftools' TCMalloc (Debian: libtcmalloc-minimal4)")
+def test_release_free_memory_returns_tcmalloc_free_memory():
+  """Started with LD_PRELOAD=libtcmalloc_minimal.so.4 (README, "CPU speed and memory") malloc is
+  TCMalloc's, which glibc's malloc_trim cannot see: release_free_memory must ask TCMalloc to give
+  a freed block back, and malloc_in_use must say which allocator the benchmark ran with."""
+  kept, after, released, tcmalloc = _run_probe(_RELEASE_PROBE, LD_PRELOAD=_TCMALLOC)
+  assert tcmalloc == 1
   assert kept - after > (1 << 29) * 3 // 4
   assert released == 1
 
