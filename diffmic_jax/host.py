@@ -50,9 +50,10 @@ def tune_cpu_malloc():
 
   Under gperftools' TCMalloc (LD_PRELOAD=libtcmalloc_minimal.so.4, see `malloc_in_use`) these
   glibc settings do nothing and TCMalloc's own page heap reuses freed blocks; on the Zen 5 dev
-  VM that was faster still (training as main.py runs it, three rounds: warm-up 3.75-3.97 ->
-  3.45-3.67 s, joint 6.69-7.04 -> 5.92-6.25 s per step) but its peak less steady (joint 10.0-14.9
-  GB against glibc's 12.2-12.3; experiments/README.md, "AMD Zen 5").
+  VM that was faster still (training as main.py runs it, five rounds: warm-up 3.75-4.02 ->
+  3.36-3.67 s, joint 6.49-7.04 -> 5.89-6.25 s per step; joint peak 10.0-10.1 -> 9.9 GB) but
+  with more slow calls that grow the heap (4 of 17 rows, glibc 0 of 10 that day;
+  experiments/README.md, "AMD Zen 5").
 
   Must be called before JAX starts its backend (before the first array is
   created); later calls have no effect on arenas that already exist. The
