@@ -65,6 +65,21 @@ def _guidance_update(models, tx, loss_terms, variables, opt_state, images, label
           {"dcg_loss": loss, "dcg_accuracy": accuracy})
 
 
+def after(x, token):
+  """x, made to depend on the scalar `token`: x + 0·token, exactly x for a finite token.
+
+  Orders work in a compiled step: whatever reads the result waits for `token`'s computation.
+  XLA keeps the multiply (0·token is NaN for a non-finite token, so it cannot be folded to 0),
+  whereas it removes `lax.optimization_barrier` before its CPU scheduler runs, so a barrier
+  does not order anything there.
+
+  Args:
+    x: float array.
+    token: a float scalar.
+  """
+  return x + jnp.zeros((), x.dtype) * token.astype(x.dtype)
+
+
 def make_train_steps(models, config, guidance_tx, denoiser_tx, lr_schedule, joint_start: int):
   """Returns {'warmup' | 'classifier' | 'joint': step(state, batch) -> (state, metrics)}."""
   loss_terms = config.guidance.loss
@@ -92,6 +107,11 @@ def make_train_steps(models, config, guidance_tx, denoiser_tx, lr_schedule, join
                           denoiser_opt=denoiser_opt,
                           ema=optim.ema_update(state.ema, params, ema_decay))
     if joint_train:
+      # The DCG's update reads the images only after the denoiser's gradient exists. The two
+      # backward passes are independent, and XLA's CPU scheduler interleaved them, keeping
+      # both sets of saved activations live at once (paper joint step: 4.99 GB of
+      # temporaries; one after the other 3.65 GB). Values are unchanged.
+      images = after(images, metrics["grad_norm"])
       guidance, opt, dcg_metrics = _guidance_update(models, guidance_tx, loss_terms, state.guidance,
                                                     state.guidance_opt, images, labels)
       state = state.replace(guidance=guidance, guidance_opt=opt)
