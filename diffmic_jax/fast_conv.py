@@ -124,8 +124,10 @@ def _kernel_grad(x, dy, kernel_shape, strides, padding):
     xt = jnp.transpose(xt, (3, 5, 0, 1, 2, 4))
   else:
     xt = xt[None, None]
-  # Without the barrier XLA fuses the transpose into every tap's slice, i.e.
-  # redoes the transpose kh * kw times.
+  # Meant to keep XLA from fusing the transpose into every tap's slice (redoing it kh * kw
+  # times). JAX 0.10's CPU compiler removes barriers before fusion (OptimizationBarrierExpander),
+  # so here it only changes the passes before that; the program without it differs and was not
+  # timed.
   xt = lax.optimization_barrier(xt)
   dy2 = dy.reshape(n, co)
 
@@ -141,8 +143,8 @@ def _kernel_grad(x, dy, kernel_shape, strides, padding):
     rows = range(r0, min(kh, r0 + rows_per_chunk))
     taps = [tap(i, j) for i in rows for j in range(kw)]
     cols = taps[0] if len(taps) == 1 else jnp.concatenate(taps, axis=0)
-    # The barrier keeps the concatenation a plain buffer instead of a fusion
-    # that the dot would re-evaluate element by element.
+    # Meant to keep the concatenation a plain buffer rather than a fusion that the dot
+    # re-evaluates; on CPU the barrier is removed before fusion (see the transpose above).
     cols = lax.optimization_barrier(cols)
     chunks.append(
         jnp.matmul(cols, dy2, preferred_element_type=jnp.float32))
@@ -288,9 +290,10 @@ def _winograd_input_transform(x, padding, m):
   xp = lax.pad(x, jnp.zeros((), x.dtype),
                ((0, 0, 0), (padding[0][0], m * th + 2 - x.shape[1] - padding[0][0], 0),
                 (padding[1][0], m * tw + 2 - x.shape[2] - padding[1][0], 0), (0, 0, 0)))
-  # The barrier makes xp one buffer that all (m + 2)² terms read, so that x's producer
-  # (BatchNorm and ReLU inside a training step) is not a candidate for fusion into each term
-  # (no whole-step speed difference was resolved on the Intel dev VM either way).
+  # Meant to make xp one buffer that all (m + 2)² terms read, so that x's producer (BatchNorm
+  # and ReLU in a training step) is not fused into each term. JAX 0.10's CPU compiler removes
+  # barriers before fusion, so it does not do that there (no whole-step speed difference was
+  # resolved on the Intel dev VM either way).
   xp = lax.optimization_barrier(xp)
   rows = _winograd_bt_1d(xp, 1, th, m)
   v = [col for row in rows for col in _winograd_bt_1d(row, 2, tw, m)]
