@@ -126,8 +126,9 @@ def _kernel_grad(x, dy, kernel_shape, strides, padding):
     xt = xt[None, None]
   # Meant to keep XLA from fusing the transpose into every tap's slice (redoing it kh * kw
   # times). JAX 0.10's CPU compiler removes barriers before fusion (OptimizationBarrierExpander),
-  # so here it only changes the passes before that; the program without it differs and was not
-  # timed.
+  # so this and the three barriers below only change the passes before that: on the Zen 5 dev
+  # VM, whole paper steps with all four and with none, calls alternating in one process, took
+  # 3.41 against 3.40 s (warm-up) and 6.02 against 5.99 s (joint), with the same temporaries.
   xt = lax.optimization_barrier(xt)
   dy2 = dy.reshape(n, co)
 
