@@ -181,7 +181,7 @@ def test_kill_9_between_latest_and_best_saves_then_rerun_is_exact(trained, tmp_p
   assert [r["step"] for r in rows if "split" in r] == [12, 18]
 
 
-def test_after_is_exact_for_a_finite_token_and_orders_nothing_else():
+def test_after_is_exact_for_a_finite_token_and_nan_for_an_infinite_one():
   x = np.array([[-1.5, 0.0, 3.25e-30], [np.inf, -np.inf, 7.0]], np.float32)
   for token in (np.float32(0.0), np.float32(-2.5e30), np.float32(1e-40)):
     np.testing.assert_array_equal(np.asarray(jax.jit(train.after)(x, token)), x)
