@@ -35,8 +35,10 @@ impl='auto' uses these on CPU only where they measured faster ('patches' for
 k x k layers with at most 4 output pixels, see `_cpu_patches_win`; 'winograd'
 for stride-1 3x3 layers with at least 14 x 14 output pixels, see
 `_cpu_winograd_wins`; 'im2col' for 1x1 kernels, see `_cpu_im2col_wins`) and
-XLA's convolution everywhere else and on every other backend, where cuDNN's
-kernels are already fast. The numbers
+XLA's convolution everywhere else (on CPU with its d_kernel reading a matmul copy
+of the input for 16-128 input channels, so that XLA cannot recompute the input's
+producer inside its relayout: `_cpu_copies_kernel_grad_input`) and on every other
+backend, where cuDNN's kernels are already fast. The numbers
 are in experiments/README.md ("Speed on an AVX-512 CPU", "CPU convolutions").
 
 A second, independent CPU cost (glibc's allocator) is handled by
@@ -70,6 +72,53 @@ def _xla_conv(x, kernel, strides, padding):
   return lax.conv_general_dilated(
       x, kernel, window_strides=strides, padding=padding,
       dimension_numbers=_DIMENSION_NUMBERS)
+
+
+def _matmul_copy(x):
+  """x, exactly, computed as a matmul: x viewed as [N, 8] times the 8 x 8 identity.
+
+  XLA's CPU compiler fuses elementwise producers into their consumers, recomputing them
+  there, but it cannot fuse anything into a dot. Reading this copy instead of x keeps x's
+  producer out of the consumer at the price of one memory-bound pass (4-13 ms for the
+  [32, 56, 56, 64]-[32, 28, 28, 128] layers on the Zen 5 dev VM). Each output is one
+  product by 1 plus products by 0, so finite values are copied exactly (-0 may become +0);
+  an infinite x would make its group of 8 NaN.
+
+  Args:
+    x: [..., C] with C a multiple of 8.
+  """
+  group = 8
+  flat = x.reshape(-1, group)
+  eye = jnp.eye(group, dtype=x.dtype)
+  return lax.dot_general(flat, eye, (((1,), (0,)), ((), ()))).reshape(x.shape)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+def _xla_conv_copied_input(x, kernel, strides, padding):
+  """XLA's convolution and its gradients, but d_kernel reads `_matmul_copy(x)`.
+
+  XLA computes a k x k d_kernel as a convolution over x relaid out as [Ci, H, W, B], and it
+  fused x's producer (BatchNorm, residual and ReLU; in ρ(x)'s basic blocks over the outputs
+  of two Winograd convolutions, in their tile layout) into that relayout, recomputing it in
+  transposed order: on the Zen 5 dev VM 214 ms for the [32, 56, 56, 64] input of ρ(x)'s
+  layer2_0/conv1, 86-91 ms at [32, 28, 28, 128], 27-58 ms for the DCG's layer2_0/conv2, where a
+  plain relayout takes 5-10 ms. See `_cpu_copies_kernel_grad_input`.
+  """
+  return _xla_conv(x, kernel, strides, padding)
+
+
+def _xla_conv_copied_input_fwd(x, kernel, strides, padding):
+  return _xla_conv(x, kernel, strides, padding), (x, kernel)
+
+
+def _xla_conv_copied_input_bwd(strides, padding, residuals, dy):
+  x, kernel = residuals
+  _, x_vjp = jax.vjp(lambda x_: _xla_conv(x_, kernel, strides, padding), x)
+  _, kernel_vjp = jax.vjp(lambda k_: _xla_conv(_matmul_copy(x), k_, strides, padding), kernel)
+  return x_vjp(dy)[0], kernel_vjp(dy)[0]
+
+
+_xla_conv_copied_input.defvjp(_xla_conv_copied_input_fwd, _xla_conv_copied_input_bwd)
 
 
 def _kernel_grad(x, dy, kernel_shape, strides, padding):
@@ -518,6 +567,32 @@ def _cpu_winograd_wins(kernel_shape, strides, output_pixels):
           and output_pixels >= _WINOGRAD_MIN_OUTPUT_PIXELS)
 
 
+def _cpu_copies_kernel_grad_input(kernel_shape):
+  """Whether 'auto' on CPU gives XLA's k x k d_kernel a matmul copy of x
+  (`_xla_conv_copied_input`): for 16-128 input channels (a multiple of 8).
+
+  Those are the layers where the fused relayout was slow (`_xla_conv_copied_input`). Zen 5 dev
+  VM, paper configuration, batch 32, the two compiled steps' calls alternating in one process,
+  8-10 pairs, median of the paired differences: joint step 0.18 and 0.06 s faster under glibc
+  (6.90 -> 6.75 s, 6.81 -> 6.70 s), 0.02 s under TCMalloc (within its spread); DCG warm-up step
+  +0.03 and -0.01 s (no change). Copying for every XLA k x k layer instead also copied the stems
+  (3 channels, 13 ms at 224 px) and the 256-512-channel layers, whose relayouts were cheap: the
+  warm-up step lost 0.12 s.
+
+  Args:
+    kernel_shape: (kh, kw, Ci, Co).
+  """
+  kh, kw, ci, _ = kernel_shape
+  return (kh * kw > 1 and ci % 8 == 0
+          and _COPY_INPUT_MIN_CHANNELS <= ci <= _COPY_INPUT_MAX_CHANNELS)
+
+
+# Input channels for which 'auto' on CPU copies x for XLA's d_kernel
+# (`_cpu_copies_kernel_grad_input`).
+_COPY_INPUT_MIN_CHANNELS = 16
+_COPY_INPUT_MAX_CHANNELS = 128
+
+
 def resolve_impl(impl="auto", kernel_shape=None, strides=(1, 1), output_pixels=None):
   """Maps 'auto' to the implementation used on the current default backend.
 
@@ -567,7 +642,9 @@ def conv2d(x, kernel, strides=(1, 1), padding=((0, 0), (0, 0)), impl="auto"):
       other layers as 'im2col'), or 'auto' (on CPU 'patches', 'winograd' or
       'im2col' for the layer shapes where they measured faster, see
       `_cpu_patches_win`, `_cpu_winograd_wins` and `_cpu_im2col_wins`, and
-      'xla' for the rest; 'xla' on every other backend).
+      'xla' for the rest, its d_kernel reading a copy of x for 16-128 input
+      channels, see `_cpu_copies_kernel_grad_input`; 'xla' on every other
+      backend).
 
   Returns:
     [B, H', W', Co] with H' = (H + top + bottom - kh) // sh + 1, same for W'.
@@ -580,6 +657,9 @@ def conv2d(x, kernel, strides=(1, 1), padding=((0, 0), (0, 0)), impl="auto"):
   wo = (x.shape[2] + sum(padding[1]) - kernel.shape[1]) // strides[1] + 1
   chosen = resolve_impl(impl, kernel.shape, strides, ho * wo)
   if chosen == "xla":
+    if (impl == "auto" and jax.default_backend() == "cpu"
+        and _cpu_copies_kernel_grad_input(kernel.shape)):
+      return _xla_conv_copied_input(x, kernel, strides, padding)
     return _xla_conv(x, kernel, strides, padding)
   if chosen == "patches":
     return _patches_conv(x, kernel, strides, padding)

@@ -1,5 +1,7 @@
 """fast_conv.conv2d must equal lax.conv_general_dilated, values and gradients."""
 
+import re
+
 import jax
 from jax import lax
 import jax.numpy as jnp
@@ -262,11 +264,101 @@ def test_auto_resolves_by_backend(vendor, monkeypatch):
                      padding=((-1, 0), (0, 0)))
 
 
+def test_copied_input_rule():
+  """Which layers' XLA d_kernel reads a copy of x under 'auto' on CPU: 16-128 input channels,
+  a multiple of 8, k x k kernels (not the 3-channel stems, not the 256-512-channel layers)."""
+  rule = fast_conv._cpu_copies_kernel_grad_input  # pylint: disable=protected-access
+  assert rule((3, 3, 64, 128)) and rule((3, 3, 128, 128)) and rule((3, 3, 16, 8))
+  assert not rule((3, 3, 256, 256)) and not rule((3, 3, 512, 512))
+  assert not rule((7, 7, 3, 64)) and not rule((3, 3, 8, 8)) and not rule((3, 3, 20, 16))
+  assert not rule((1, 1, 64, 64))
+
+
 def test_auto_matches_reference_with_lists():
   """Strides/padding given as lists (as configs deliver them) also work."""
   x, w, _ = _inputs((2, 8, 8, 3), (3, 3, 3, 4), jnp.float32)
   y = fast_conv.conv2d(x, w, [2, 2], [[1, 1], [1, 1]])
   _assert_close(y, _ref_conv(x, w, (2, 2), ((1, 1), (1, 1))), 1e-5, 1e-5)
+
+
+def test_matmul_copy_is_exact():
+  """The copy that XLA's d_kernel reads under 'auto' on CPU equals x, float32 and bfloat16."""
+  x = jax.random.normal(jax.random.PRNGKey(0), (2, 5, 5, 16)) * jnp.logspace(-30, 30, 16).reshape(1, 1, 1, 16)
+  x = x.at[0, 0, 0].set(0.0)
+  for dtype in (jnp.float32, jnp.bfloat16):
+    xd = x.astype(dtype)
+    copy = jax.jit(fast_conv._matmul_copy)(xd)  # pylint: disable=protected-access
+    assert copy.dtype == dtype
+    np.testing.assert_array_equal(np.asarray(copy, np.float32), np.asarray(xd, np.float32))
+
+
+# Two layers of ρ(x) at tiny size: a stride-2 3x3 on 64 channels (the layer whose input
+# relayout XLA recomputed) and a stride-1 3x3 on 16 channels at 2x2 outputs.
+_COPIED_CASES = [("3x3_s2_c64", (2, 8, 8, 64), (3, 3, 64, 32), (2, 2), ((1, 1), (1, 1))),
+                 ("3x3_s1_c16", (2, 2, 2, 16), (3, 3, 16, 8), (1, 1), ((1, 1), (1, 1)))]
+
+
+@pytest.mark.parametrize("name,x_shape,k_shape,strides,padding", _COPIED_CASES,
+                         ids=[c[0] for c in _COPIED_CASES])
+def test_xla_conv_with_copied_input_equals_xla(name, x_shape, k_shape, strides, padding):
+  """Values and both gradients equal XLA's own, bit for bit, under jit and under vmap."""
+  del name
+  x, w, kd = _inputs(x_shape, k_shape, jnp.float32)
+  dy = jax.random.normal(kd, _ref_conv(x, w, strides, padding).shape)
+  copied = lambda a, b: fast_conv._xla_conv_copied_input(a, b, strides, padding)  # pylint: disable=protected-access
+  plain = lambda a, b: fast_conv._xla_conv(a, b, strides, padding)  # pylint: disable=protected-access
+  got = jax.jit(lambda a, b: _value_and_grads(copied, a, b, dy))(x, w)
+  want = jax.jit(lambda a, b: _value_and_grads(plain, a, b, dy))(x, w)
+  for g, r in zip(got, want):
+    np.testing.assert_array_equal(np.asarray(g), np.asarray(r))
+  per_example = lambda conv: jax.jit(jax.vmap(jax.grad(
+      lambda a, b: jnp.sum(jnp.tanh(conv(a[None], b))), argnums=(0, 1)), in_axes=(0, None)))
+  for g, r in zip(per_example(copied)(x, w), per_example(plain)(x, w)):
+    np.testing.assert_array_equal(np.asarray(g), np.asarray(r))
+  y_ref, dx_ref, dw_ref = _value_and_grads(lambda a, b: _ref_conv(a, b, strides, padding),
+                                           x, w, dy)
+  _assert_close(got[0], y_ref, 1e-5, 1e-5)
+  _assert_close(got[1], dx_ref, 1e-5, 1e-5)
+  _assert_close(got[2], dw_ref, 1e-5, 1e-4)
+
+
+def _kernel_grad_input_ops(hlo_text, kernel_grad_shape):
+  """Ops that compute the input operand of the convolution whose result has
+  `kernel_grad_shape` (XLA's d_kernel), when that operand is a fusion; else []."""
+  fused_bodies = dict(re.findall(r"\n(%[\w.-]+) [^\n]*\{\n(.*?)\n\}", hlo_text, re.S))
+  conv = re.search(r"(%[\w.-]+) = " + re.escape(kernel_grad_shape) + r"\S* fusion\((%[\w.-]+)",
+                   hlo_text)
+  assert conv, f"no fusion computing {kernel_grad_shape}"
+  producer = re.search(re.escape(conv.group(2)) + r" = [^\n]*? fusion\([^\n]*?calls=(%[\w.-]+)",
+                       hlo_text)
+  if producer is None:
+    return []
+  return re.findall(r"= \S+ ([a-z-]+)\(", fused_bodies[producer.group(1)])
+
+
+def test_auto_keeps_the_inputs_producer_out_of_xlas_kernel_gradient(monkeypatch):
+  """'auto' on CPU: XLA's k x k d_kernel reads x relaid out, and that relayout must not
+  recompute x's producer (here ReLU(x·a + b), as BatchNorm and ReLU in a ResNet)."""
+  if jax.default_backend() != "cpu":
+    pytest.skip("'auto' is XLA's plain convolution off CPU")
+  monkeypatch.setattr(fast_conv, "_cpu_vendor", lambda: "AuthenticAMD")
+  x, w, _ = _inputs((2, 8, 8, 64), (3, 3, 64, 32), jnp.float32)
+  pad = ((1, 1), (1, 1))
+
+  def loss(impl):
+    def f(a, b):
+      h = jax.nn.relu(a * 1.5 + 0.25)
+      return jnp.sum(jnp.tanh(fast_conv.conv2d(h, b, (2, 2), pad, impl=impl)))
+    return f
+
+  assert fast_conv.resolve_impl("auto", w.shape, (2, 2), 16) == "xla"
+  ops = {impl: _kernel_grad_input_ops(
+      jax.jit(jax.grad(loss(impl), argnums=(0, 1))).lower(x, w).compile().as_text(),
+      "f32[64,3,3,32]") for impl in ("auto", "xla")}
+  elementwise = {"maximum", "multiply", "add", "select"}
+  # Plain XLA recomputes the producer inside the relayout: the premise of the copy.
+  assert elementwise & set(ops["xla"]), ops["xla"]
+  assert not elementwise & set(ops["auto"]), ops["auto"]
 
 
 def test_conv_flops():
