@@ -101,9 +101,9 @@ def _xla_conv_copied_input(x, kernel, strides, padding):
   fused x's producer (BatchNorm, residual and ReLU; in ρ(x)'s basic blocks over the outputs
   of two Winograd convolutions, in their tile layout) into that relayout, recomputing it in
   transposed order: in a `jax.profiler` trace of the paper joint step on the Zen 5 dev VM,
-  214 ms for the [32, 56, 56, 64] input of ρ(x)'s
-  layer2_0/conv1, 86-91 ms at [32, 28, 28, 128], 27-58 ms for the DCG's layer2_0/conv2, where a
-  plain relayout takes 5-10 ms. See `_cpu_copies_kernel_grad_input`.
+  214 ms for the [32, 56, 56, 64] input of ρ(x)'s layer2_0/conv1, 86-91 ms at
+  [32, 28, 28, 128], 27-58 ms for the DCG's layer2_0/conv2, where a plain relayout takes
+  5-10 ms. See `_cpu_copies_kernel_grad_input`.
   """
   return _xla_conv(x, kernel, strides, padding)
 
