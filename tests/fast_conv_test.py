@@ -283,7 +283,8 @@ def test_auto_matches_reference_with_lists():
 
 def test_matmul_copy_is_exact():
   """The copy that XLA's d_kernel reads under 'auto' on CPU equals x, float32 and bfloat16."""
-  x = jax.random.normal(jax.random.PRNGKey(0), (2, 5, 5, 16)) * jnp.logspace(-30, 30, 16).reshape(1, 1, 1, 16)
+  magnitudes = jnp.logspace(-30, 30, 16).reshape(1, 1, 1, 16)
+  x = jax.random.normal(jax.random.PRNGKey(0), (2, 5, 5, 16)) * magnitudes
   x = x.at[0, 0, 0].set(0.0)
   for dtype in (jnp.float32, jnp.bfloat16):
     xd = x.astype(dtype)
@@ -305,8 +306,10 @@ def test_xla_conv_with_copied_input_equals_xla(name, x_shape, k_shape, strides, 
   del name
   x, w, kd = _inputs(x_shape, k_shape, jnp.float32)
   dy = jax.random.normal(kd, _ref_conv(x, w, strides, padding).shape)
-  copied = lambda a, b: fast_conv._xla_conv_copied_input(a, b, strides, padding)  # pylint: disable=protected-access
-  plain = lambda a, b: fast_conv._xla_conv(a, b, strides, padding)  # pylint: disable=protected-access
+  # pylint: disable=protected-access
+  copied = lambda a, b: fast_conv._xla_conv_copied_input(a, b, strides, padding)
+  plain = lambda a, b: fast_conv._xla_conv(a, b, strides, padding)
+  # pylint: enable=protected-access
   got = jax.jit(lambda a, b: _value_and_grads(copied, a, b, dy))(x, w)
   want = jax.jit(lambda a, b: _value_and_grads(plain, a, b, dy))(x, w)
   for g, r in zip(got, want):
