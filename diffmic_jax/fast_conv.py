@@ -476,6 +476,14 @@ def _im2col_conv_bwd(strides, padding, residuals, dy):
     # pass; the forward value computed inside this vjp is dead and removed.
     _, x_vjp = jax.vjp(lambda x_: _xla_conv(x_, kernel, strides, padding), x)
     (dx,) = x_vjp(dy)
+    if jax.default_backend() == "cpu" and _cpu_copies_kernel_grad_input(kernel.shape):
+      # `_kernel_grad` transposes x to [Ci, B, H, W], and XLA fused x's producer into that
+      # transpose just as into its own d_kernel's relayout (`_xla_conv_copied_input`). With an
+      # Intel CPU's rules forced on the Zen 5 dev VM (paper joint step, calls alternating in
+      # one process, 8 pairs, median of the paired differences) the step was 0.21 and 0.10 s
+      # faster with the copy in two runs (6.51 -> 6.30 s, 6.74 -> 6.70 s); the warm-up step,
+      # 0.01 s (3.89 s both).
+      x = _matmul_copy(x)
   dk = _kernel_grad(x, dy, kernel.shape, strides, padding)
   return dx, dk.astype(kernel.dtype)
 
@@ -569,8 +577,9 @@ def _cpu_winograd_wins(kernel_shape, strides, output_pixels):
 
 
 def _cpu_copies_kernel_grad_input(kernel_shape):
-  """Whether 'auto' on CPU gives XLA's k x k d_kernel a matmul copy of x
-  (`_xla_conv_copied_input`): for 16-128 input channels (a multiple of 8).
+  """Whether a k x k d_kernel on CPU reads a matmul copy of x: XLA's under 'auto'
+  (`_xla_conv_copied_input`) and the im2col one (`_im2col_conv_bwd`), for 16-128 input
+  channels (a multiple of 8).
 
   Those are the layers where the fused relayout was slow (`_xla_conv_copied_input`). Zen 5 dev
   VM, paper configuration, batch 32, the two compiled steps' calls alternating in one process,
@@ -636,16 +645,16 @@ def conv2d(x, kernel, strides=(1, 1), padding=((0, 0), (0, 0)), impl="auto"):
     strides: (sh, sw).
     padding: ((top, bottom), (left, right)), non-negative ints.
     impl: 'xla' (plain lax conv), 'im2col' (matmul d_kernel accumulated in
-      float32; XLA forward and d_input, except for unpadded 1x1 kernels, where
-      both are dots too), 'patches' (one patch matmul, for layers
-      with few output pixels), 'winograd' (Winograd F(2x2, 3x3) or F(4x4, 3x3)
-      for stride-1 3x3 kernels, forward and both gradients, see `_winograd_tile`;
-      other layers as 'im2col'), or 'auto' (on CPU 'patches', 'winograd' or
-      'im2col' for the layer shapes where they measured faster, see
-      `_cpu_patches_win`, `_cpu_winograd_wins` and `_cpu_im2col_wins`, and
-      'xla' for the rest, its d_kernel reading a copy of x for 16-128 input
-      channels, see `_cpu_copies_kernel_grad_input`; 'xla' on every other
-      backend).
+      float32, on CPU over a copy of x for 16-128 input channels; XLA forward and
+      d_input, except for unpadded 1x1 kernels, where both are dots too),
+      'patches' (one patch matmul, for layers with few output pixels), 'winograd'
+      (Winograd F(2x2, 3x3) or F(4x4, 3x3) for stride-1 3x3 kernels, forward and
+      both gradients, see `_winograd_tile`; other layers as 'im2col'), or 'auto'
+      (on CPU 'patches', 'winograd' or 'im2col' for the layer shapes where they
+      measured faster, see `_cpu_patches_win`, `_cpu_winograd_wins` and
+      `_cpu_im2col_wins`, and 'xla' for the rest, its d_kernel reading a copy of
+      x for 16-128 input channels, see `_cpu_copies_kernel_grad_input`; 'xla' on
+      every other backend).
 
   Returns:
     [B, H', W', Co] with H' = (H + top + bottom - kh) // sh + 1, same for W'.

@@ -325,10 +325,15 @@ def test_xla_conv_with_copied_input_equals_xla(name, x_shape, k_shape, strides, 
   _assert_close(got[2], dw_ref, 1e-5, 1e-4)
 
 
+def _fused_bodies(hlo_text):
+  """{computation name: body text} of a compiled HLO module."""
+  return dict(re.findall(r"\n(%[\w.-]+) [^\n]*\{\n(.*?)\n\}", hlo_text, re.S))
+
+
 def _kernel_grad_input_ops(hlo_text, kernel_grad_shape):
   """Ops that compute the input operand of the convolution whose result has
   `kernel_grad_shape` (XLA's d_kernel), when that operand is a fusion; else []."""
-  fused_bodies = dict(re.findall(r"\n(%[\w.-]+) [^\n]*\{\n(.*?)\n\}", hlo_text, re.S))
+  fused_bodies = _fused_bodies(hlo_text)
   conv = re.search(r"(%[\w.-]+) = " + re.escape(kernel_grad_shape) + r"\S* fusion\((%[\w.-]+)",
                    hlo_text)
   assert conv, f"no fusion computing {kernel_grad_shape}"
@@ -362,6 +367,37 @@ def test_auto_keeps_the_inputs_producer_out_of_xlas_kernel_gradient(monkeypatch)
   # Plain XLA recomputes the producer inside the relayout: the premise of the copy.
   assert elementwise & set(ops["xla"]), ops["xla"]
   assert not elementwise & set(ops["auto"]), ops["auto"]
+
+
+def _fusion_ops(hlo_text, result_shape):
+  """Ops in the body of the fusion whose result has `result_shape`."""
+  fusion = re.search(r"= " + re.escape(result_shape) + r"\S* fusion\([^\n]*?calls=(%[\w.-]+)",
+                     hlo_text)
+  assert fusion, f"no fusion computing {result_shape}"
+  return re.findall(r"= \S+ ([a-z-]+)\(", _fused_bodies(hlo_text)[fusion.group(1)])
+
+
+def test_im2col_keeps_the_inputs_producer_out_of_its_kernel_gradient(monkeypatch):
+  """The im2col d_kernel on CPU transposes x to [Ci, B, H, W], and that transpose must not
+  recompute x's producer (ReLU(x·a + b), as BatchNorm and ReLU in a ResNet)."""
+  if jax.default_backend() != "cpu":
+    pytest.skip("the copy is made on CPU only")
+  x, w, _ = _inputs((2, 8, 8, 64), (3, 3, 64, 32), jnp.float32)
+
+  def f(a, b):
+    h = jax.nn.relu(a * 1.5 + 0.25)
+    return jnp.sum(jnp.tanh(fast_conv.conv2d(h, b, (2, 2), ((1, 1), (1, 1)), impl="im2col")))
+
+  def transpose_ops():
+    text = jax.jit(jax.grad(f, argnums=(0, 1))).lower(x, w).compile().as_text()
+    # x transposed and padded to the rows and columns the taps read: [Ci, B, 10, 10].
+    return set(_fusion_ops(text, "f32[64,2,10,10]"))
+
+  elementwise = {"maximum", "multiply", "add", "select"}
+  assert not elementwise & transpose_ops()
+  # Without the copy XLA recomputes the producer inside the transpose: the premise.
+  monkeypatch.setattr(fast_conv, "_cpu_copies_kernel_grad_input", lambda kernel_shape: False)
+  assert elementwise & transpose_ops()
 
 
 def test_conv_flops():
