@@ -487,6 +487,8 @@ def _cpu_im2col_wins(kernel_shape, strides, output_pixels=None):
   d_kernel won on the stem and the 7-14 px k x k layers alone (1.05-1.44x) but lost at
   56 -> 28 px, and neither Intel's rule nor one fitted to those layers changed a whole warm-up
   or joint step beyond its 2-5 % call-to-call spread (experiments/README.md, "AMD Zen 5").
+  Re-tried after the im2col d_kernel's copied input and row loop: Intel's rule at most 2-3 %
+  faster there, not resolved from the VM's drift for the joint step, so AMD keeps XLA's.
 
   Larger kernels on an Intel CPU, from 7 x 7 output pixels on: on the Intel Xeon (AVX-512,
   AMX) dev CPU XLA's d_kernel was much slower (the 224 px stem's 516 ms against the im2col
