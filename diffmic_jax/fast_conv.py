@@ -582,8 +582,8 @@ def _cpu_copies_kernel_grad_input(kernel_shape):
           and _COPY_INPUT_MIN_CHANNELS <= ci <= _COPY_INPUT_MAX_CHANNELS)
 
 
-# Input channels for which 'auto' on CPU copies x for XLA's d_kernel
-# (`_cpu_copies_kernel_grad_input`).
+# Input channels for which a k x k d_kernel on CPU (XLA's under 'auto', and im2col's) reads a
+# copy of x (`_cpu_copies_kernel_grad_input`).
 _COPY_INPUT_MIN_CHANNELS = 16
 _COPY_INPUT_MAX_CHANNELS = 128
 

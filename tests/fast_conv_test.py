@@ -268,8 +268,9 @@ def test_auto_resolves_by_backend(vendor, monkeypatch):
 
 
 def test_copied_input_rule():
-  """Which layers' XLA d_kernel reads a copy of x under 'auto' on CPU: 16-128 input channels,
-  a multiple of 8, k x k kernels (not the 3-channel stems, not the 256-512-channel layers)."""
+  """Which layers' k x k d_kernel (XLA's under 'auto', and im2col's) reads a copy of x on CPU:
+  16-128 input channels, a multiple of 8 (not the 3-channel stems, not the 256-512-channel
+  layers)."""
   rule = fast_conv._cpu_copies_kernel_grad_input  # pylint: disable=protected-access
   assert rule((3, 3, 64, 128)) and rule((3, 3, 128, 128)) and rule((3, 3, 16, 8))
   assert not rule((3, 3, 256, 256)) and not rule((3, 3, 512, 512))
@@ -285,7 +286,7 @@ def test_auto_matches_reference_with_lists():
 
 
 def test_matmul_copy_is_exact():
-  """The copy that XLA's d_kernel reads under 'auto' on CPU equals x, float32 and bfloat16."""
+  """The copy of x that the k x k d_kernels read on CPU equals x, float32 and bfloat16."""
   magnitudes = jnp.logspace(-30, 30, 16).reshape(1, 1, 1, 16)
   x = jax.random.normal(jax.random.PRNGKey(0), (2, 5, 5, 16)) * magnitudes
   x = x.at[0, 0, 0].set(0.0)
