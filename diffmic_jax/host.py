@@ -8,6 +8,7 @@ warm-up step: 10.6 -> 8.0 s; see its docstring).
 """
 
 import ctypes
+import ctypes.util
 import os
 import platform
 import resource
@@ -53,7 +54,10 @@ def tune_cpu_malloc():
   VM that was faster still (training as main.py runs it, five rounds: warm-up 3.75-4.02 ->
   3.36-3.67 s, joint 6.49-7.04 -> 5.89-6.25 s per step; joint peak 10.0-10.1 -> 9.9 GB) but
   with more slow calls that grow the heap (4 of 17 rows, glibc 0 of 10 that day;
-  experiments/README.md, "AMD Zen 5").
+  experiments/README.md, "AMD Zen 5"). What glibc loses there, `perf` showed: 9 % of the joint
+  step's samples in `_int_malloc`, serving YNNPACK's per-call scratch buffers (100 KB-1.5 MB,
+  about 20,000 per step) by walking large bins of a heap with some 220,000 free chunks; glibc
+  2.36's per-thread cache stops at 1,032 bytes, so no setting here removes it.
 
   Must be called before JAX starts its backend (before the first array is
   created); later calls have no effect on arenas that already exist. The
@@ -90,6 +94,23 @@ def malloc_in_use() -> str:
   if _tcmalloc() is not None:
     return "tcmalloc"
   return "glibc" if _glibc() is not None else "unknown"
+
+
+def tcmalloc_hint():
+  """A line for the log when glibc serves malloc and gperftools' TCMalloc is installed, else None.
+
+  A package cannot swap its own process's allocator (LD_PRELOAD is read when the process
+  starts), so `main.py` says so instead: training with TCMalloc was 10-15 % faster on the Zen 5
+  dev VM, because glibc's malloc spent 9 % of the joint step's CPU time serving YNNPACK's
+  scratch buffers (`tune_cpu_malloc`; experiments/README.md, "AMD Zen 5").
+  """
+  if malloc_in_use() != "glibc":
+    return None
+  library = ctypes.util.find_library("tcmalloc_minimal")
+  if not library:
+    return None
+  return (f"{library} is installed but not in use: starting with LD_PRELOAD={library} trained "
+          "10-15 % faster on CPU (README.md, 'CPU speed and memory')")
 
 
 def _tcmalloc():

@@ -81,6 +81,8 @@ def _run(argv) -> None:
   if jax.process_index() != 0 and not flags.FLAGS["verbosity"].present:
     logging.set_verbosity(logging.WARNING)  # other processes would repeat process 0's lines
   logging.info("devices: %s; malloc: %s", jax.devices(), host.malloc_in_use())
+  if jax.default_backend() == "cpu" and (hint := host.tcmalloc_hint()):
+    logging.info(hint)
   if _MODE.value == "train":
     # train_and_evaluate locks the workdir and writes config.json once the run is accepted.
     train.train_and_evaluate(config, workdir)

@@ -216,6 +216,27 @@ def test_release_free_memory_returns_tcmalloc_free_memory():
   assert released == 1
 
 
+_HINT_PROBE = "from diffmic_jax import host; print(int(host.tcmalloc_hint() is not None))"
+
+
+@pytest.mark.skipif(sys.platform != "linux" or not _TCMALLOC,
+                    reason="needs gperftools' TCMalloc (Debian: libtcmalloc-minimal4)")
+def test_tcmalloc_hint_is_logged_under_glibc_and_not_once_tcmalloc_runs():
+  """main.py logs the hint when TCMalloc is installed but glibc serves malloc; started with the
+  preload the README gives, there is nothing to say."""
+  assert list(_run_probe(_HINT_PROBE)) == [1]
+  assert list(_run_probe(_HINT_PROBE, LD_PRELOAD=_TCMALLOC)) == [0]
+
+
+def test_tcmalloc_hint_names_the_installed_library(monkeypatch):
+  monkeypatch.setattr(host, "malloc_in_use", lambda: "glibc")
+  monkeypatch.setattr(ctypes.util, "find_library",
+                      lambda name: "libtcmalloc_minimal.so.4" if name == "tcmalloc_minimal" else None)
+  assert "LD_PRELOAD=libtcmalloc_minimal.so.4 " in host.tcmalloc_hint()
+  monkeypatch.setattr(ctypes.util, "find_library", lambda name: None)
+  assert host.tcmalloc_hint() is None  # not installed: nothing to suggest
+
+
 def _thp_never() -> bool:
   try:
     with open("/sys/kernel/mm/transparent_hugepage/enabled") as f:
