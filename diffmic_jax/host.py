@@ -109,8 +109,8 @@ def tcmalloc_hint():
   library = ctypes.util.find_library("tcmalloc_minimal")
   if not library:
     return None
-  return (f"{library} is installed but not in use: starting with LD_PRELOAD={library} trained "
-          "10-15 % faster on CPU (README.md, 'CPU speed and memory')")
+  return (f"{library} is installed but not in use: with LD_PRELOAD={library} training ran "
+          "10-15 % faster on an AMD Zen 5 CPU (README.md, 'CPU speed and memory')")
 
 
 def _tcmalloc():
