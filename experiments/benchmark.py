@@ -6,8 +6,9 @@ Measures, for freshly initialised variables and random inputs (weights do not ch
   * training: images/s of the DCG warm-up step and of the joint step
     (`train.make_train_steps` compiled by `train.jit_step`, state donated);
   * compile time of every function (lower + XLA compile), reported apart from the steady state;
-  * achieved FLOP/s (XLA cost analysis, `summary.flops_per_image` for the sampler's parts)
-    against this machine's measured float32 matmul peak, and the ratio to that FLOP floor;
+  * achieved FLOP/s (XLA cost analysis, `summary.flops_per_image` for the sampler's parts,
+    every convolution counted as a direct one whichever `model.conv_impl` runs it) against
+    this machine's measured float32 matmul peak, and the ratio to that FLOP floor;
   * input (`--only input`): images/s of the training input pipeline at 224 px (in-memory demo
     images, the config's augmentation) in-process and with each `--input-workers` count;
   * peak memory of each row: on CPU the process's resident high-water mark, reset before the
@@ -297,14 +298,16 @@ def benchmark_training(models, config, mesh, stages, batches, repeats, want_flop
                                  models.num_classes, mesh)
     for stage in stages:
       row = _training_row(models, config, mesh, guidance_tx, denoiser_tx, steps[stage],
-                          batch, batch_arrays, repeats, want_flops)
+                          batch, batch_arrays, repeats)
+      if want_flops:  # the model's FLOPs, convolutions as direct ones, whatever conv_impl runs
+        row["gflop_per_image"] = summary.training_flops_per_image(config, stage, batch) / 1e9
       rows.append({"stage": stage, "batch": batch, **row})
       _print_progress("training", rows[-1])
   return rows
 
 
 def _training_row(models, config, mesh, guidance_tx, denoiser_tx, step, batch, batch_arrays,
-                  repeats, want_flops):
+                  repeats):
   """Times one training step function. Its own function so that the row's train state and
   executable are freed when it returns: a closure kept from the row before held that row's
   whole train state (2.5 GB in the paper configuration) through the next row's peak."""
@@ -331,8 +334,6 @@ def _training_row(models, config, mesh, guidance_tx, denoiser_tx, step, batch, b
          "best_images_per_s": batch / best, "first_call_s": first, "compile_s": compile_s,
          "times_s": times, "peak_memory_bytes": peak_memory_bytes(),
          "xla_memory_bytes": _xla_memory_bytes(compiled)}
-  if want_flops:
-    row["gflop_per_image"] = float(lowered.cost_analysis()["flops"]) / batch / 1e9
   return row
 
 
@@ -407,7 +408,7 @@ def run(config, batches, train_batches, only, sampler_entries, stages, repeats,
     flop_parts = None
     if want_flops:
       start = time.perf_counter()
-      flop_parts = summary.flops_per_image(models, config, variables)
+      flop_parts = summary.flops_per_image(config, variables)
       result["flops_analysis_s"] = time.perf_counter() - start
       result["flops_per_image"] = flop_parts
     samplers = _parse_samplers(sampler_entries, models.num_timesteps)

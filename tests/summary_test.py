@@ -2,6 +2,10 @@
 
 import json
 
+import jax
+import jax.numpy as jnp
+
+from diffmic_jax import models as models_lib
 from diffmic_jax import summary
 
 # configs/test.py's trunk: ResNet-18 blocks, stage_sizes (1, 1), width 8, on RGB.
@@ -29,3 +33,32 @@ def test_parameter_counts_of_a_tiny_model_match_a_hand_count(tiny_config):
   assert flops["inference"] == (flops["guidance_forward"] + flops["rho_x"]
                                 + flops["inference_sampler_steps"] * flops["denoiser_step"])
   json.dumps(out)  # what --mode summary prints
+
+
+def test_flops_count_every_convolution_as_a_direct_one(tiny_config):
+  """The FLOPs are the model's, not the convolution algorithm's: Winograd computes the same
+  3x3 layers with fewer multiplications, and a count taken through it would lower the FLOP
+  floor that `experiments/benchmark.py` compares against (and change with the CPU kind,
+  since `auto` picks per CPU)."""
+  direct, winograd = tiny_config(), tiny_config()
+  direct.model.conv_impl, winograd.model.conv_impl = "xla", "winograd"
+  counted = summary.model_summary(winograd)["flops_per_image"]
+  assert counted == summary.model_summary(direct)["flops_per_image"]
+
+  # The check can fail: through Winograd itself XLA counts fewer FLOPs for the same forward.
+  models = models_lib.create_models(winograd)
+  variables = jax.eval_shape(lambda k: models_lib.init_variables(models, k, winograd.data.image_size),
+                             jax.random.PRNGKey(0))
+  images = jax.ShapeDtypeStruct((2, winograd.data.image_size, winograd.data.image_size, 3),
+                                jnp.float32)
+  through_winograd = jax.jit(lambda v, x: models.guidance.apply(v, x, train=False)).lower(
+      variables["guidance"], images).cost_analysis()["flops"] / 2
+  assert through_winograd < counted["guidance_forward"]
+
+
+def test_training_flops_do_not_depend_on_the_convolution_algorithm(tiny_config):
+  direct, winograd = tiny_config(), tiny_config()
+  direct.model.conv_impl, winograd.model.conv_impl = "xla", "winograd"
+  for stage in ("warmup", "joint"):
+    assert (summary.training_flops_per_image(winograd, stage, 4)
+            == summary.training_flops_per_image(direct, stage, 4) > 0)
