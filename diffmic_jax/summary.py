@@ -49,9 +49,9 @@ def direct_conv_config(config: ml_collections.ConfigDict) -> ml_collections.Conf
   FLOPs are counted through it: Winograd (`fast_conv`) does fewer multiplications for the same
   layer and `auto` picks it per CPU kind, so a count taken through the configured
   implementation would change with the machine and fall below the model's work (paper
-  configuration, inference: 24.5 against 27.4 GFLOP per image on an AMD CPU), and a FLOP floor
-  computed from it would be too low. im2col and patch matmuls count as direct ones already;
-  the parameters are the same under every implementation.
+  configuration, inference at 100 steps: 24.5 against 27.3 GFLOP per image on an AMD CPU),
+  and a FLOP floor computed from it would be too low. im2col and patch matmuls count as direct
+  ones already; the parameters are the same under every implementation.
   """
   config = copy.deepcopy(config)
   config.model.conv_impl = "xla"

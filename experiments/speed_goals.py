@@ -186,7 +186,8 @@ def evaluate(meta: dict, rows: dict) -> list[dict]:
 
 
 def format_table(meta: dict, goals: list[dict]) -> str:
-  lines = [f"CPU: {meta['cpu'].get('model')} ({' '.join(meta['cpu'].get('vector_extensions', []))}); "
+  extensions = " ".join(meta["cpu"].get("vector_extensions", []))
+  lines = [f"CPU: {meta['cpu'].get('model')} ({extensions}); "
            f"matmul peak {meta['matmul_peak_gflops']:.0f} GFLOP/s; from {', '.join(meta['paths'])}",
            "", "| goal | measured | target | met? | from |", "|---|---|---|---|---|"]
   for g in goals:

@@ -47,10 +47,10 @@ def test_flops_count_every_convolution_as_a_direct_one(tiny_config):
 
   # The check can fail: through Winograd itself XLA counts fewer FLOPs for the same forward.
   models = models_lib.create_models(winograd)
-  variables = jax.eval_shape(lambda k: models_lib.init_variables(models, k, winograd.data.image_size),
+  size = winograd.data.image_size
+  variables = jax.eval_shape(lambda k: models_lib.init_variables(models, k, size),
                              jax.random.PRNGKey(0))
-  images = jax.ShapeDtypeStruct((2, winograd.data.image_size, winograd.data.image_size, 3),
-                                jnp.float32)
+  images = jax.ShapeDtypeStruct((2, size, size, 3), jnp.float32)
   through_winograd = jax.jit(lambda v, x: models.guidance.apply(v, x, train=False)).lower(
       variables["guidance"], images).cost_analysis()["flops"] / 2
   assert through_winograd < counted["guidance_forward"]
