@@ -121,6 +121,22 @@ def row_key(kind: str, row: dict) -> tuple:
   return (kind, row["stage"], int(row["batch"]))
 
 
+def read_json(path: str, what: str):
+  """The JSON content of `path`.
+
+  Raises:
+    errors.UserError: naming `what` (the flag or file the user gave), if the file cannot be
+      read or is not JSON.
+  """
+  try:
+    with open(path) as f:
+      return json.load(f)
+  except OSError as e:
+    raise errors.UserError(f"{what}: cannot read it ({e.strerror})") from e
+  except ValueError as e:
+    raise errors.UserError(f"{what}: not valid JSON ({e})") from e
+
+
 def load_official(path: str) -> dict:
   """The official timings of `path` (this script's JSON schema) by `row_key`.
 
@@ -130,13 +146,7 @@ def load_official(path: str) -> dict:
   Raises:
     errors.UserError: the file is missing, not JSON, or has no rows in this schema.
   """
-  try:
-    with open(path) as f:
-      content = json.load(f)
-  except OSError as e:
-    raise errors.UserError(f"--compare-official {path}: cannot read it ({e.strerror})") from e
-  except ValueError as e:
-    raise errors.UserError(f"--compare-official {path}: not valid JSON ({e})") from e
+  content = read_json(path, f"--compare-official {path}")
   rows = {}
   try:
     for kind in ("inference", "training"):

@@ -18,12 +18,12 @@ AVX-512 is both, so both targets are shown. On every kind: the DCG warm-up step 
 speed, batch-1 latency ≤ 0.75 s, and the joint step's peak memory at most the official code's.
 """
 
-import json
 import os
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+import benchmark  # pylint: disable=wrong-import-position
 from diffmic_jax import diffusion  # pylint: disable=wrong-import-position
 from diffmic_jax import errors  # pylint: disable=wrong-import-position
 
@@ -46,22 +46,12 @@ def load(paths: list[str]) -> tuple[dict, dict]:
   """
   meta, rows = None, {}
   for path in paths:
-    try:
-      with open(path) as f:
-        content = json.load(f)
-    except OSError as e:
-      raise errors.UserError(f"{path}: cannot read it ({e.strerror})") from e
-    except ValueError as e:
-      raise errors.UserError(f"{path}: not valid JSON ({e})") from e
+    content = benchmark.read_json(path, path)
     try:
       mine = {"cpu": content["cpu"], "matmul_peak_gflops": float(content["matmul_peak_gflops"]),
               "config": content["config"]}
-      found = {}
-      for kind in ("inference", "training"):
-        for row in content.get(kind, []):
-          key = ((kind, row["sampler"], int(row["steps"]), int(row["batch"])) if kind == "inference"
-                 else (kind, row["stage"], int(row["batch"])))
-          found[key] = row
+      found = {benchmark.row_key(kind, row): row
+               for kind in ("inference", "training") for row in content.get(kind, [])}
     except (KeyError, TypeError, ValueError, AttributeError) as e:
       raise errors.UserError(
           f"{path}: expected benchmark.py's JSON ('cpu', 'matmul_peak_gflops', 'config', "

@@ -4,13 +4,16 @@ arithmetic on made-up timings."""
 import json
 import os
 import sys
+import warnings
 
 import pytest
 
 from tests import conftest
 
 sys.path.insert(0, os.path.join(conftest.REPO, "experiments"))
-import speed_goals  # pylint: disable=g-import-not-at-top,wrong-import-position
+with warnings.catch_warnings():  # via benchmark.py, whose default --config ml_collections loads
+  warnings.simplefilter("ignore", DeprecationWarning)  # with load_module()
+  import speed_goals  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 ZEN3 = {"model": "AMD EPYC 7B13", "vendor": "AuthenticAMD", "vector_extensions": ["avx2", "fma"],
         "cores": 2}
