@@ -12,6 +12,7 @@ import jax
 import numpy as np
 from scipy import special
 
+from diffmic_jax import fast_conv
 from diffmic_jax import files
 from diffmic_jax import input_pipeline
 from diffmic_jax import sampler
@@ -106,7 +107,8 @@ def title(names, predictions: dict, i: int, label: int | None = None) -> str:
 @functools.lru_cache(maxsize=4)
 def _aux_fn(models):
   return jax.jit(lambda variables, images: sampler.explanation_aux(
-      sampler.guidance_outputs(models, variables, images)[1]))
+      sampler.guidance_outputs(models, variables, images)[1]),
+      compiler_options=fast_conv.compiler_options())
 
 
 def explanation_aux(models, variables, images: np.ndarray, batch_size: int) -> list[dict]:

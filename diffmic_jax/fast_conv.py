@@ -41,6 +41,11 @@ producer inside its relayout: `_cpu_copies_kernel_grad_input`) and on every othe
 backend, where cuDNN's kernels are already fast. The numbers
 are in experiments/README.md ("Speed on an AVX-512 CPU", "CPU convolutions").
 
+XLA's own CPU convolution comes in two kinds: by default (jax 0.10) XLA hands it to
+YNNPACK, which was 1.2-4x slower than its other convolution (Eigen's) on the Zen 5 dev VM.
+`compiler_options()` gives the `jax.jit` options that keep convolutions off YNNPACK; the
+package's jitted steps and samplers compile with them.
+
 A second, independent CPU cost (glibc's allocator) is handled by
 `host.tune_cpu_malloc`.
 """
@@ -60,6 +65,44 @@ _IMPLS = ("auto", "xla", "im2col", "patches", "winograd")
 # 'auto' on CPU computes a k x k (k > 1) convolution with at most this many output pixels
 # per image as one patch matmul (`_patches_conv`); see `_cpu_patches_win`.
 _PATCHES_MAX_OUTPUT_PIXELS = 4
+
+
+# XLA's CPU library fusions (`xla_cpu_experimental_ynn_fusion_type`): jax 0.10's default list
+# (dots, reductions, convolutions) without convolutions. See `compiler_options`.
+_YNN_FUSION_TYPES_WITHOUT_CONVOLUTION = (
+    "LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT,LIBRARY_FUSION_TYPE_REDUCE")
+
+
+def compiler_options() -> dict | None:
+  """`jax.jit(..., compiler_options=...)` for the default backend: on CPU, XLA's convolutions
+  computed by its own (Eigen) kernels rather than YNNPACK's; None elsewhere, and where the
+  installed jaxlib does not know the option.
+
+  By default jax 0.10's CPU compiler sends dots, reductions and convolutions to YNNPACK.
+  Dots and reductions run well there, but its convolutions did not: Zen 5 dev VM, 2 cores,
+  batch 32, forward + d_input + d_kernel, ms (YNNPACK / Eigen): 3x3 at 56 px x 64 ch 153 / 57,
+  at 7 px x 512 ch 63 / 43, 3x3/2 at 56 -> 28 px 96 / 84; d_kernel of the 7x7/2 stem at
+  224 px 164 / 45; ResNet-50's distinct layers summed 2,843 / 1,229 (experiments/README.md,
+  "AMD Zen 5"). Only the list of library fusions changes: dots and reductions stay on YNNPACK.
+  """
+  if jax.default_backend() != "cpu" or not _cpu_accepts_ynn_fusion_option():
+    return None
+  return {"xla_cpu_experimental_ynn_fusion_type": _YNN_FUSION_TYPES_WITHOUT_CONVOLUTION}
+
+
+@functools.cache
+def _cpu_accepts_ynn_fusion_option() -> bool:
+  """Whether this jaxlib's CPU compiler knows the option (it is experimental): one tiny
+  compile, once per process."""
+  options = {"xla_cpu_experimental_ynn_fusion_type": _YNN_FUSION_TYPES_WITHOUT_CONVOLUTION}
+  x = jax.ShapeDtypeStruct((1, 3, 3, 1), jnp.float32)
+  k = jax.ShapeDtypeStruct((3, 3, 1, 1), jnp.float32)
+  try:
+    jax.jit(functools.partial(_xla_conv, strides=(1, 1), padding=((1, 1), (1, 1)))).lower(
+        x, k).compile(compiler_options=options)
+  except jax.errors.JaxRuntimeError:
+    return False
+  return True
 
 
 def _xla_conv(x, kernel, strides, padding):

@@ -14,6 +14,7 @@ import jax.numpy as jnp
 
 from diffmic_jax import denoiser as denoiser_lib
 from diffmic_jax import diffusion
+from diffmic_jax import fast_conv
 from diffmic_jax import models as models_lib
 
 
@@ -133,9 +134,11 @@ def sample_uncertainty(y0, prediction, interval=(2.5, 97.5)) -> dict:
 
 
 def make_sample_fn(models, sampler: str, num_steps: int, num_samples: int = 1):
-  """A jitted `(variables, images, key) -> sample(...)` for a named sampler and N steps."""
+  """A jitted `(variables, images, key) -> sample(...)` for a named sampler and N steps (on CPU
+  compiled with `fast_conv.compiler_options()`)."""
   timesteps = diffusion.timestep_sequence(sampler, models.num_timesteps, num_steps)
-  return jax.jit(functools.partial(sample, models, timesteps=timesteps, num_samples=num_samples))
+  return jax.jit(functools.partial(sample, models, timesteps=timesteps, num_samples=num_samples),
+                 compiler_options=fast_conv.compiler_options())
 
 
 def run_chain_trajectory(denoise_fn, schedule, prior_mean, conditioning, key, timesteps,

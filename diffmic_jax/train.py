@@ -21,6 +21,7 @@ import tqdm
 from diffmic_jax import distributed
 from diffmic_jax import errors
 from diffmic_jax import evaluate
+from diffmic_jax import fast_conv
 from diffmic_jax import host
 from diffmic_jax import input_pipeline
 from diffmic_jax import losses
@@ -123,9 +124,11 @@ def make_train_steps(models, config, guidance_tx, denoiser_tx, lr_schedule, join
 
 
 def jit_step(step_fn, mesh):
-  """Compiles a step: state replicated and donated, batch sharded over ('data',)."""
+  """Compiles a step: state replicated and donated, batch sharded over ('data',); on CPU with
+  `fast_conv.compiler_options()`."""
   return jax.jit(step_fn, in_shardings=(sharding.replicated(mesh), sharding.data_sharding(mesh)),
-                 out_shardings=sharding.replicated(mesh), donate_argnums=0)
+                 out_shardings=sharding.replicated(mesh), donate_argnums=0,
+                 compiler_options=fast_conv.compiler_options())
 
 
 def _check_finite(rows, workdir):

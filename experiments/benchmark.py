@@ -67,6 +67,7 @@ import numpy as np
 from diffmic_jax import diffusion
 from diffmic_jax import distributed
 from diffmic_jax import errors
+from diffmic_jax import fast_conv
 from diffmic_jax import files
 from diffmic_jax import host
 from diffmic_jax import input_pipeline
@@ -397,10 +398,11 @@ def run(config, batches, train_batches, only, sampler_entries, stages, repeats,
       "feature_dim": config.model.feature_dim, "timesteps": models.num_timesteps,
       "dtype": config.model.dtype, "conv_impl": config.model.conv_impl},
             "jax_version": jax.__version__, "load_average": os.getloadavg(),
-            "malloc": host.malloc_in_use()}
+            "malloc": host.malloc_in_use(), "compiler_options": fast_conv.compiler_options()}
   print(f"device: {result['device']}; CPU: {result['cpu']['model']}, "
         f"{result['cpu']['cores']} logical cores, {' '.join(result['cpu']['vector_extensions'])}; "
-        f"malloc: {result['malloc']}; config: {result['config']}", flush=True)
+        f"malloc: {result['malloc']}; compiler options: {result['compiler_options']}; "
+        f"config: {result['config']}", flush=True)
   result["matmul_peak_gflops"] = matmul_peak_gflops(matmul_size, matmul_repeats)
   print(f"float32 matmul peak ({matmul_size}²): {result['matmul_peak_gflops']:.1f} GFLOP/s",
         flush=True)
@@ -409,7 +411,8 @@ def run(config, batches, train_batches, only, sampler_entries, stages, repeats,
   if only != "training" and models.denoiser is not None:
     start = time.perf_counter()
     guidance_tx, denoiser_tx, _ = train_state.build_optimizers(config, steps_per_epoch=100)
-    init = jax.jit(models_lib.init_variables, static_argnums=(0, 2))
+    init = jax.jit(models_lib.init_variables, static_argnums=(0, 2),
+                   compiler_options=fast_conv.compiler_options())
     variables = init(models, jax.random.PRNGKey(config.seed), config.data.image_size)
     jax.block_until_ready(variables)
     result["compile_s"]["init_variables (compile + run)"] = time.perf_counter() - start

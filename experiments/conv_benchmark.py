@@ -10,6 +10,11 @@ Usage:
   python experiments/conv_benchmark.py --batch 8 --reps 3
   python experiments/conv_benchmark.py --layers none        # train step only
   python experiments/conv_benchmark.py --malloc-tune        # host.tune_cpu_malloc
+  python experiments/conv_benchmark.py --ynnpack-conv       # XLA's convolutions on YNNPACK
+
+Every function is compiled as the package compiles its steps, with
+`fast_conv.compiler_options()` (XLA's convolutions by Eigen's kernels on CPU), unless
+--ynnpack-conv asks for jax's default.
   # the DCG's local ResNet-50 on 6 crops of 32 px per image, every impl
   python experiments/conv_benchmark.py --layers local --impls xla,im2col,patches,auto
 """
@@ -43,6 +48,9 @@ def _parse_args(argv):
   p.add_argument("--malloc-tune", action="store_true",
                  help="call host.tune_cpu_malloc() first (one arena, "
                  "no mmap/trim of big blocks)")
+  p.add_argument("--ynnpack-conv", action="store_true",
+                 help="compile without fast_conv.compiler_options(): XLA's convolutions "
+                 "on YNNPACK, jax 0.10's CPU default")
   return p.parse_args(argv)
 
 
@@ -98,6 +106,11 @@ def _layer_specs(size):
   return specs
 
 
+def _jit(fn, args):
+  """jax.jit with the package's compiler options, or jax's defaults under --ynnpack-conv."""
+  return jax.jit(fn, compiler_options=None if args.ynnpack_conv else fast_conv.compiler_options())
+
+
 def _best_ms(fn, *args, reps):
   """Best-of-reps wall time of a jitted fn in ms, after one warm-up call."""
   jax.block_until_ready(fn(*args))
@@ -140,16 +153,16 @@ def bench_layers(args, impls, dtype):
     for im in impls:
       conv = lambda x_, w_, im=im: fast_conv.conv2d(x_, w_, strides, padding,
                                                      impl=im)
-      fwd = jax.jit(conv)
-      dx = jax.jit(lambda w_, dy_, conv=conv: jax.vjp(
-          lambda x_: conv(x_, w_), x)[1](dy_)[0])
-      dk = jax.jit(lambda x_, dy_, conv=conv: jax.vjp(
-          lambda w_: conv(x_, w_), w)[1](dy_)[0])
+      fwd = _jit(conv, args)
+      dx = _jit(lambda w_, dy_, conv=conv: jax.vjp(
+          lambda x_: conv(x_, w_), x)[1](dy_)[0], args)
+      dk = _jit(lambda x_, dy_, conv=conv: jax.vjp(
+          lambda w_: conv(x_, w_), w)[1](dy_)[0], args)
       # Full step of one layer: forward, then both gradients of a loss.
-      full = jax.jit(jax.grad(
+      full = _jit(jax.grad(
           lambda x_, w_, conv=conv: jnp.sum(
               conv(x_, w_).astype(jnp.float32) * dy.astype(jnp.float32)),
-          argnums=(0, 1)))
+          argnums=(0, 1)), args)
       times[im] = (_best_ms(fwd, x, w, reps=args.reps),
                    _best_ms(dx, w, dy, reps=args.reps),
                    _best_ms(dk, x, dy, reps=args.reps),
@@ -243,12 +256,13 @@ def bench_train_step(args, impls, dtype):
       logp = jax.nn.log_softmax(logits)
       return -jnp.take_along_axis(logp, y[:, None], axis=1).mean()
 
-    @jax.jit
-    def step(p, m, loss_fn=loss_fn):
+    def step_fn(p, m, loss_fn=loss_fn):
       loss, g = jax.value_and_grad(loss_fn)(p)
       m = jax.tree.map(lambda m_, g_: 0.9 * m_ + g_, m, g)
       p = jax.tree.map(lambda p_, m_: p_ - 0.01 * m_, p, m)
       return p, m, loss
+
+    step = _jit(step_fn, args)
 
     t0 = time.perf_counter()
     out = jax.block_until_ready(step(params, mom))
@@ -270,7 +284,8 @@ def main(args):
   dtype = jnp.dtype(args.dtype).type
   print(f"jax {jax.__version__}, backend {jax.default_backend()}, "
         f"batch {args.batch}, {args.size}px, {args.dtype}, best of "
-        f"{args.reps}, malloc tuned: {args.malloc_tune}")
+        f"{args.reps}, malloc tuned: {args.malloc_tune}, compiler options: "
+        f"{None if args.ynnpack_conv else fast_conv.compiler_options()}")
   print("times in ms; dk GF/s = 2*MACs / d_kernel time; full = fwd + dx + dk")
   if args.layers != "none":
     bench_layers(args, impls, dtype)

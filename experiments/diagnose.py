@@ -30,6 +30,7 @@ from ml_collections import config_flags
 from diffmic_jax import denoiser as denoiser_lib
 from diffmic_jax import diffusion
 from diffmic_jax import evaluate
+from diffmic_jax import fast_conv
 from diffmic_jax import input_pipeline
 from diffmic_jax import metrics
 from diffmic_jax import models as models_lib
@@ -117,7 +118,8 @@ def _eps_mse_by_band(models, variables, images, labels, key, bn_train=False):
 
 def collect(models, variables, batches, key, timesteps, clip, num_samples, probe="none"):
   run = jax.jit(functools.partial(_outputs, models, timesteps=timesteps, clip=clip,
-                                  num_samples=num_samples, probe=probe))
+                                  num_samples=num_samples, probe=probe),
+                compiler_options=fast_conv.compiler_options())
   out = {"y0": [], "prior": [], "fused": [], "labels": [], "max_y": [], "max_y0": []}
   for i, batch in enumerate(batches):
     o = run(variables, batch["image"], jax.random.fold_in(key, i))
@@ -190,7 +192,8 @@ def main(argv):
         for bn_train in (False, True):
           mse_all = []
           for i, b in enumerate(batches):
-            ts, mse = jax.jit(functools.partial(_eps_mse_by_band, models, bn_train=bn_train))(
+            ts, mse = jax.jit(functools.partial(_eps_mse_by_band, models, bn_train=bn_train),
+                              compiler_options=fast_conv.compiler_options())(
                 variables, b["image"], b["label"], jax.random.fold_in(key, i))
             mse_all.append(np.asarray(mse)[:, b["mask"].astype(bool)])
           name = f"{tag}_eps_mse_by_t" + ("_bn_batch_stats" if bn_train else "")

@@ -31,6 +31,7 @@ from sklearn import manifold
 
 from diffmic_jax import diffusion
 from diffmic_jax import evaluate
+from diffmic_jax import fast_conv
 from diffmic_jax import input_pipeline
 from diffmic_jax import run as run_lib
 from diffmic_jax import sampler
@@ -54,7 +55,8 @@ def panel_indices(num_states: int, num_panels: int) -> list[int]:
 
 def trajectories(models, variables, batches, key, timesteps):
   """(states [N+1, M, C]: y at every timestep then ŷ₀, labels [M]) over the unpadded examples."""
-  fn = jax.jit(functools.partial(sampler.sample_trajectory, models, timesteps=timesteps))
+  fn = jax.jit(functools.partial(sampler.sample_trajectory, models, timesteps=timesteps),
+               compiler_options=fast_conv.compiler_options())
   states, labels = [], []
   for i, batch in enumerate(batches):
     out = jax.device_get(fn(variables, batch["image"], jax.random.fold_in(key, i)))

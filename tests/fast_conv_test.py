@@ -486,3 +486,74 @@ def test_max_pool_matches_flax(x_shape, window, strides, padding, ties):
   assert g.dtype == jnp.bfloat16
   _assert_close(g, g_r, 1e-2, 1e-2)
   assert fast_conv.resolve_impl("auto") != "xla" or jax.default_backend() != "cpu"
+
+
+def _compiled_with_options(fn, *args):
+  options = fast_conv.compiler_options()
+  if options is None:
+    pytest.skip("this backend or jaxlib has no CPU library-fusion option")
+  return jax.jit(fn, compiler_options=options).lower(*args).compile()
+
+
+@pytest.mark.parametrize("impl", ["xla", "auto"])
+@pytest.mark.parametrize("name,x_shape,k_shape,strides,padding", _CASES, ids=_IDS)
+def test_compiler_options_keep_values_and_gradients(name, x_shape, k_shape, strides, padding,
+                                                    impl):
+  """Compiled with `compiler_options()` (XLA's convolutions by Eigen's CPU kernels), values
+  and gradients equal the reference compiled with jax's defaults (YNNPACK's)."""
+  del name
+  x, w, kd = _inputs(x_shape, k_shape, jnp.float32)
+  y_ref = _ref_conv(x, w, strides, padding)
+  dy = jax.random.normal(kd, y_ref.shape)
+  fn = _compiled_with_options(lambda a, b: _value_and_grads(
+      lambda x_, w_: fast_conv.conv2d(x_, w_, strides, padding, impl=impl), a, b, dy), x, w)
+  y, dx, dw = fn(x, w)
+  y_r, dx_r, dw_r = jax.jit(lambda a, b: _value_and_grads(
+      lambda x_, w_: _ref_conv(x_, w_, strides, padding), a, b, dy))(x, w)
+  _assert_close(y, y_r, 1e-5, 1e-5)
+  _assert_close(dx, dx_r, 1e-5, 1e-5)
+  _assert_close(dw, dw_r, 1e-5, 1e-4)
+
+
+def _library_fusions(compiled, op_name):
+  """Lines of the compiled HLO that call a YNNPACK fusion made from `op_name` ops."""
+  return [line for line in compiled.as_text().splitlines()
+          if "ynn_fusion" in line and " fusion(" in line and f"/{op_name}" in line]
+
+
+def test_compiler_options_take_convolutions_off_ynnpack_only():
+  """Under `compiler_options()` no convolution, forward or gradient, is a YNNPACK fusion while
+  the dots still are; under jax's defaults the convolutions are (the control: jax 0.10 hands
+  this 64-channel layer's forward and d_input to YNNPACK)."""
+  x, w, kd = _inputs((2, 8, 8, 64), (3, 3, 64, 64), jnp.float32)
+  m = jax.random.normal(kd, (64, 64))
+
+  def loss(x_, w_, m_):
+    y = fast_conv.conv2d(x_, w_, (1, 1), ((1, 1), (1, 1)), impl="xla")
+    return jnp.sum(jnp.tanh(y.reshape(-1, 64) @ m_))
+
+  grads = lambda *a: jax.grad(loss, argnums=(0, 1, 2))(*a)
+  with_options = _compiled_with_options(grads, x, w, m)
+  default = jax.jit(grads).lower(x, w, m).compile()
+  assert _library_fusions(default, "conv_general_dilated")
+  assert not _library_fusions(with_options, "conv_general_dilated")
+  assert "convolution(" in with_options.as_text()
+  assert _library_fusions(with_options, "dot_general")
+
+
+def test_package_jits_compile_with_the_compiler_options(monkeypatch):
+  """The training step and the samplers are compiled with `compiler_options()`."""
+  from diffmic_jax import sampler, sharding, train  # pylint: disable=import-outside-toplevel
+  seen = []
+  real_jit = jax.jit
+
+  def recording_jit(fn, **kwargs):
+    seen.append(kwargs.get("compiler_options"))
+    return real_jit(fn, **kwargs)
+
+  monkeypatch.setattr(jax, "jit", recording_jit)
+  train.jit_step(lambda state, batch: (state, {}), sharding.make_mesh())
+  models = type("Models", (), {"num_timesteps": 1000})()
+  sampler.make_sample_fn(models, "respaced", 10)
+  assert seen == [fast_conv.compiler_options()] * 2
+  assert seen[0] is not None or jax.default_backend() != "cpu"
