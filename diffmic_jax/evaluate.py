@@ -24,6 +24,7 @@ from jax.experimental import multihost_utils
 from diffmic_jax import checkpointing
 from diffmic_jax import distributed
 from diffmic_jax import explain
+from diffmic_jax import fast_conv
 from diffmic_jax import files
 from diffmic_jax import input_pipeline
 from diffmic_jax import metrics
@@ -43,7 +44,8 @@ SAMPLE_KEYS = ("probs", "entropy", "vote_probs", "agreement", "interval_separate
 @functools.lru_cache(maxsize=8)
 def _sample_fn(models, sampler_name: str, num_steps: int, num_samples: int):
   # Cached so that every validation reuses one compiled sampler.
-  return sampler.make_sample_fn(models, sampler_name, num_steps, num_samples)
+  return sampler.make_sample_fn(models, sampler_name, num_steps, num_samples,
+                                compiler_options=fast_conv.compiler_options())
 
 
 def eval_variables(variables: dict, ema_params, use_ema: bool) -> dict:

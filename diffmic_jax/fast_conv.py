@@ -44,7 +44,7 @@ are in experiments/README.md ("Speed on an AVX-512 CPU", "CPU convolutions").
 XLA's own CPU convolution comes in two kinds: by default (jax 0.10) XLA hands it to
 YNNPACK, which was 1.2-4x slower than its other convolution (Eigen's) on the Zen 5 dev VM.
 `compiler_options()` gives the `jax.jit` options that keep convolutions off YNNPACK; the
-package's jitted steps and samplers compile with them.
+training steps, evaluation's sampler and the explanations compile with them.
 
 A second, independent CPU cost (glibc's allocator) is handled by
 `host.tune_cpu_malloc`.
@@ -84,6 +84,7 @@ def compiler_options() -> dict | None:
   at 7 px x 512 ch 63 / 43, 3x3/2 at 56 -> 28 px 96 / 84; d_kernel of the 7x7/2 stem at
   224 px 164 / 45; ResNet-50's distinct layers summed 2,843 / 1,229 (experiments/README.md,
   "AMD Zen 5"). Only the list of library fusions changes: dots and reductions stay on YNNPACK.
+  JAX accepts compiler options on a top-level `jax.jit` only (a nested one raises).
   """
   if jax.default_backend() != "cpu" or not _cpu_accepts_ynn_fusion_option():
     return None

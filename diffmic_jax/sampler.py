@@ -14,7 +14,6 @@ import jax.numpy as jnp
 
 from diffmic_jax import denoiser as denoiser_lib
 from diffmic_jax import diffusion
-from diffmic_jax import fast_conv
 from diffmic_jax import models as models_lib
 
 
@@ -133,12 +132,17 @@ def sample_uncertainty(y0, prediction, interval=(2.5, 97.5)) -> dict:
           "y0_interval": bounds, "interval_separated": lower_chosen > upper_others}
 
 
-def make_sample_fn(models, sampler: str, num_steps: int, num_samples: int = 1):
-  """A jitted `(variables, images, key) -> sample(...)` for a named sampler and N steps (on CPU
-  compiled with `fast_conv.compiler_options()`)."""
+def make_sample_fn(models, sampler: str, num_steps: int, num_samples: int = 1,
+                   compiler_options: dict | None = None):
+  """A jitted `(variables, images, key) -> sample(...)` for a named sampler and N steps.
+
+  compiler_options: passed to `jax.jit`; `fast_conv.compiler_options()` gives the CPU
+  convolutions that `evaluate` and the benchmark use. JAX accepts options only on a top-level
+  jit, so leave it None for a sampler called inside your own `jax.jit`.
+  """
   timesteps = diffusion.timestep_sequence(sampler, models.num_timesteps, num_steps)
   return jax.jit(functools.partial(sample, models, timesteps=timesteps, num_samples=num_samples),
-                 compiler_options=fast_conv.compiler_options())
+                 compiler_options=compiler_options)
 
 
 def run_chain_trajectory(denoise_fn, schedule, prior_mean, conditioning, key, timesteps,

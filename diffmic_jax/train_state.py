@@ -13,7 +13,6 @@ import flax
 import jax
 import jax.numpy as jnp
 
-from diffmic_jax import fast_conv
 from diffmic_jax import models as models_lib
 from diffmic_jax import optim
 from diffmic_jax import pretrained
@@ -67,8 +66,7 @@ def create_train_state(models, config, guidance_tx, denoiser_tx, key,
                        load_pretrained: bool = True) -> TrainState:
   """Initialises variables (plus configured pretrained trunks) and optimiser states."""
   key_init, key_train = jax.random.split(key)
-  variables = jax.jit(models_lib.init_variables, static_argnums=(0, 2),
-                      compiler_options=fast_conv.compiler_options())(
+  variables = jax.jit(models_lib.init_variables, static_argnums=(0, 2))(
       models, key_init, config.data.image_size)
   if load_pretrained:
     variables = pretrained.load_configured(variables, config)

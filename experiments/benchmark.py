@@ -275,7 +275,8 @@ def benchmark_inference(models, variables, mesh, samplers, batches, repeats, flo
                            models.num_classes, mesh)["image"]
     for name, steps in samplers:
       host.reset_peak_rss()
-      fn = sampler.make_sample_fn(models, name, steps)
+      fn = sampler.make_sample_fn(models, name, steps,
+                                  compiler_options=fast_conv.compiler_options())
       start = time.perf_counter()
       compiled = fn.lower(variables, images, key).compile()
       compile_s = time.perf_counter() - start
@@ -411,8 +412,7 @@ def run(config, batches, train_batches, only, sampler_entries, stages, repeats,
   if only != "training" and models.denoiser is not None:
     start = time.perf_counter()
     guidance_tx, denoiser_tx, _ = train_state.build_optimizers(config, steps_per_epoch=100)
-    init = jax.jit(models_lib.init_variables, static_argnums=(0, 2),
-                   compiler_options=fast_conv.compiler_options())
+    init = jax.jit(models_lib.init_variables, static_argnums=(0, 2))
     variables = init(models, jax.random.PRNGKey(config.seed), config.data.image_size)
     jax.block_until_ready(variables)
     result["compile_s"]["init_variables (compile + run)"] = time.perf_counter() - start
