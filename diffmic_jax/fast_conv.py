@@ -51,6 +51,7 @@ A second, independent CPU cost (glibc's allocator) is handled by
 """
 
 import functools
+import os
 
 import jax
 from jax import lax
@@ -67,8 +68,9 @@ _IMPLS = ("auto", "xla", "im2col", "patches", "winograd")
 _PATCHES_MAX_OUTPUT_PIXELS = 4
 
 
-# XLA's CPU library fusions (`xla_cpu_experimental_ynn_fusion_type`): jax 0.10's default list
-# (dots, reductions, convolutions) without convolutions. See `compiler_options`.
+# XLA's CPU library fusions: jax 0.10's default list (dots, reductions, convolutions) without
+# convolutions. See `compiler_options`.
+_YNN_FUSION_OPTION = "xla_cpu_experimental_ynn_fusion_type"
 _YNN_FUSION_TYPES_WITHOUT_CONVOLUTION = (
     "LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT,LIBRARY_FUSION_TYPE_REDUCE")
 
@@ -85,17 +87,21 @@ def compiler_options() -> dict | None:
   224 px 164 / 45; ResNet-50's distinct layers summed 2,843 / 1,229 (experiments/README.md,
   "AMD Zen 5"). Only the list of library fusions changes: dots and reductions stay on YNNPACK.
   JAX accepts compiler options on a top-level `jax.jit` only (a nested one raises).
+
+  None too where XLA_FLAGS sets the option itself, which then applies unchanged (e.g.
+  `XLA_FLAGS=--xla_cpu_experimental_ynn_fusion_type=+individual_convolution` for jax's default).
   """
-  if jax.default_backend() != "cpu" or not _cpu_accepts_ynn_fusion_option():
+  if (jax.default_backend() != "cpu" or _YNN_FUSION_OPTION in os.environ.get("XLA_FLAGS", "")
+      or not _cpu_accepts_ynn_fusion_option()):
     return None
-  return {"xla_cpu_experimental_ynn_fusion_type": _YNN_FUSION_TYPES_WITHOUT_CONVOLUTION}
+  return {_YNN_FUSION_OPTION: _YNN_FUSION_TYPES_WITHOUT_CONVOLUTION}
 
 
 @functools.cache
 def _cpu_accepts_ynn_fusion_option() -> bool:
   """Whether this jaxlib's CPU compiler knows the option (it is experimental): one tiny
   compile, once per process."""
-  options = {"xla_cpu_experimental_ynn_fusion_type": _YNN_FUSION_TYPES_WITHOUT_CONVOLUTION}
+  options = {_YNN_FUSION_OPTION: _YNN_FUSION_TYPES_WITHOUT_CONVOLUTION}
   x = jax.ShapeDtypeStruct((1, 3, 3, 1), jnp.float32)
   k = jax.ShapeDtypeStruct((3, 3, 1, 1), jnp.float32)
   try:

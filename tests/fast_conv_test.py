@@ -557,3 +557,14 @@ def test_package_jits_compile_with_the_compiler_options(monkeypatch):
   sampler.make_sample_fn(models, "respaced", 10)
   assert seen == [fast_conv.compiler_options()] * 2 + [None]
   assert seen[0] is not None or jax.default_backend() != "cpu"
+
+
+def test_compiler_options_leave_a_users_xla_flags_setting_alone(monkeypatch):
+  """Where XLA_FLAGS sets the library-fusion option, `compiler_options()` does not override it."""
+  if fast_conv.compiler_options() is None:
+    pytest.skip("this backend or jaxlib has no CPU library-fusion option")
+  monkeypatch.setenv("XLA_FLAGS", "--xla_force_host_platform_device_count=1 "
+                     "--xla_cpu_experimental_ynn_fusion_type=+individual_convolution")
+  assert fast_conv.compiler_options() is None
+  monkeypatch.setenv("XLA_FLAGS", "--xla_force_host_platform_device_count=1")
+  assert fast_conv.compiler_options() is not None
