@@ -94,6 +94,10 @@ def compiler_options() -> dict | None:
   if (jax.default_backend() != "cpu" or _YNN_FUSION_OPTION in os.environ.get("XLA_FLAGS", "")
       or not _cpu_accepts_ynn_fusion_option()):
     return None
+  return _cpu_compiler_options()
+
+
+def _cpu_compiler_options() -> dict:
   return {_YNN_FUSION_OPTION: _YNN_FUSION_TYPES_WITHOUT_CONVOLUTION}
 
 
@@ -101,7 +105,7 @@ def compiler_options() -> dict | None:
 def _cpu_accepts_ynn_fusion_option() -> bool:
   """Whether this jaxlib's CPU compiler knows the option (it is experimental): one tiny
   compile, once per process."""
-  options = {_YNN_FUSION_OPTION: _YNN_FUSION_TYPES_WITHOUT_CONVOLUTION}
+  options = _cpu_compiler_options()
   x = jax.ShapeDtypeStruct((1, 3, 3, 1), jnp.float32)
   k = jax.ShapeDtypeStruct((3, 3, 1, 1), jnp.float32)
   try:
