@@ -136,6 +136,37 @@ def test_batchnorm_train_versus_eval():
   np.testing.assert_allclose(y_eval, x / np.sqrt(1 + 1e-5), rtol=1e-5)
 
 
+@pytest.mark.parametrize("offset", [0.0, 1e3])
+def test_batch_moments_match_float64_when_the_mean_dwarfs_the_spread(offset):
+  """One pass over x, yet float32-accurate at mean/std = 1e5 (where E[x²] − E[x]² loses every
+  digit), and with the first example, the shift, far from the rest of the batch."""
+  rng = np.random.default_rng(0)
+  x = rng.standard_normal((16, 5, 5, 3)) * np.array([1.0, 0.01, 100.0]) + offset
+  x[0] += 8 * np.array([1.0, 0.01, 100.0])  # (E[x] − shift)² about 12·Var, the bound being 16
+  x32 = x.astype(np.float32).astype(np.float64)  # the float32 input, exactly
+  for axes in ((0, 1, 2), (0,)):
+    sample = x32 if len(axes) == 3 else x32[:, 0, 0]
+    mean, var = layers.batch_moments(jnp.asarray(sample, jnp.float32), axes)
+    std = sample.std(axes)
+    np.testing.assert_array_less(np.abs(mean - sample.mean(axes)) / std, 1e-5)
+    np.testing.assert_allclose(var, sample.var(axes), rtol=2e-5)
+
+
+def test_batch_moments_gradients_are_the_closed_forms():
+  """d(Σ w·Var)/dx = 2w(x − mean)/N and d(Σ w·mean)/dx = w/N, N = elements per feature."""
+  rng = np.random.default_rng(1)
+  x = rng.standard_normal((6, 4, 4, 3)) * 2 + 5
+  w = rng.standard_normal(3)
+  n = x.size // 3
+  def weighted(which):
+    return lambda v: jnp.sum(layers.batch_moments(v, (0, 1, 2))[which] * w)
+  x32 = jnp.asarray(x, jnp.float32)
+  np.testing.assert_allclose(jax.grad(weighted(1))(x32), 2 * w * (x - x.mean((0, 1, 2))) / n,
+                             rtol=1e-4, atol=1e-6)
+  np.testing.assert_allclose(jax.grad(weighted(0))(x32), np.broadcast_to(w / n, x.shape),
+                             rtol=1e-5)
+
+
 def test_bad_choice_names_the_field(tiny_config):
   config = tiny_config()
   config.guidance.backbone = "vgg"
