@@ -283,3 +283,26 @@ def test_a_training_row_frees_its_train_state_before_the_next_row(tiny_config, m
                                       [2], repeats=1, want_flops=False)
   assert [(r["stage"], r["batch"]) for r in rows] == [("warmup", 2), ("joint", 2)]
   assert live_bytes[1] - live_bytes[0] < state_bytes[0] // 2
+
+
+def test_the_joint_step_at_the_training_batch_is_lowered_once_for_its_flops(tiny_config,
+                                                                             monkeypatch):
+  """The joint iteration at training.batch_size is counted for the inference rows' FLOP parts;
+  the training row reuses that count instead of lowering the step again."""
+  config = tiny_config()
+  counted = []
+  count = benchmark.summary.training_flops_per_image
+
+  def recording_count(config_, stage, batch):
+    counted.append((stage, batch))
+    return count(config_, stage, batch)
+
+  monkeypatch.setattr(benchmark.summary, "training_flops_per_image", recording_count)
+  batch = config.training.batch_size
+  result = benchmark.run(config, batches=[2], train_batches=[batch], only=None,
+                         sampler_entries=["official_truncated:2"], stages=["joint", "warmup"],
+                         repeats=1, matmul_size=64, matmul_repeats=1)
+  assert counted == [("joint", batch), ("warmup", batch)]
+  joint = next(r for r in result["training"] if r["stage"] == "joint")
+  assert joint["gflop_per_image"] * 1e9 == result["flops_per_image"]["training_joint_iteration"]
+  assert all(r["gflop_per_image"] > 0 for r in result["training"])
