@@ -147,7 +147,21 @@ def load_official(path: str) -> dict:
   Raises:
     errors.UserError: the file is missing, not JSON, or has no rows in this schema.
   """
-  content = read_json(path, f"--compare-official {path}")
+  what = f"--compare-official {path}"
+  content = read_json(path, what)
+  rows = rows_by_key(content, what)
+  if not rows:
+    raise errors.UserError(f"{what}: no 'inference' or 'training' rows")
+  return {"cpu": content.get("cpu"), "rows": rows}
+
+
+def rows_by_key(content, what: str) -> dict:
+  """{row_key: row} of a JSON in this script's schema (ours or the official harness's).
+
+  Raises:
+    errors.UserError: naming `what` (the flag or file), if a row lacks its keys or has no
+      images_per_s > 0.
+  """
   rows = {}
   try:
     for kind in ("inference", "training"):
@@ -157,12 +171,10 @@ def load_official(path: str) -> dict:
         rows[row_key(kind, row)] = row
   except (KeyError, TypeError, ValueError, AttributeError) as e:
     raise errors.UserError(
-        f"--compare-official {path}: expected this benchmark's JSON schema ('inference' rows "
+        f"{what}: expected this benchmark's JSON schema ('inference' rows "
         "with sampler, steps, batch, images_per_s > 0; 'training' rows with stage, batch, "
         f"images_per_s > 0); {type(e).__name__}: {e}") from e
-  if not rows:
-    raise errors.UserError(f"--compare-official {path}: no 'inference' or 'training' rows")
-  return {"cpu": content.get("cpu"), "rows": rows}
+  return rows
 
 
 def add_comparison(result: dict, official: dict) -> None:

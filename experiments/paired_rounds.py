@@ -60,18 +60,8 @@ def load_rounds(directory: str) -> dict:
     path = os.path.join(directory, name)
     content = benchmark.read_json(path, path)
     side = "official" if isinstance(content, dict) and "official_commit" in content else "ours"
-    rows = rounds.setdefault(int(match.group(1)), {"official": {}, "ours": {}})[side]
-    try:
-      for kind in ("inference", "training"):
-        for row in content.get(kind, []):
-          if not row["images_per_s"] > 0:
-            raise ValueError(f"images_per_s={row['images_per_s']!r}")
-          rows[benchmark.row_key(kind, row)] = row
-    except (KeyError, TypeError, ValueError, AttributeError) as e:
-      raise errors.UserError(
-          f"{path}: expected benchmark.py's JSON schema ('inference' rows with sampler, steps, "
-          "batch, images_per_s > 0; 'training' rows with stage, batch, images_per_s > 0); "
-          f"{type(e).__name__}: {e}") from e
+    rounds.setdefault(int(match.group(1)), {"official": {}, "ours": {}})[side].update(
+        benchmark.rows_by_key(content, path))
   if not rounds:
     raise errors.UserError(f"{directory}: no round<N>_*.json files")
   return rounds
