@@ -19,6 +19,9 @@ row's speed-up is taken within its round; the spread over rounds shows what the 
   done                                              # about 10 min a round on 2 Zen 5 cores
   python experiments/paired_rounds.py $DIR
 
+(The Zen 5 rounds in experiments/results/perf/ added `--extra-path /tmp/tvlib` to the official
+harness: torchvision installed apart, as its docstring describes.)
+
 Files are grouped into rounds by the `round<N>_` at the start of their names; within a round,
 the official harness's JSONs (they name their `official_commit`) are told from ours. Prints a
 markdown table: per row (`benchmark.row_key`) each round's official and our seconds per batch
