@@ -38,7 +38,6 @@ A quick check that it runs: --threads 1 --repeats 1. With a torchvision installe
 
 import argparse
 import gc
-import json
 import math
 import os
 import resource
@@ -49,10 +48,12 @@ import types
 import warnings
 
 # diffmic_jax.host (no JAX inside) gives the same CPU description and peak-memory probe as
-# experiments/benchmark.py, so --compare-official can tell whether both ran on one CPU model.
+# experiments/benchmark.py, so --compare-official can tell whether both ran on one CPU model;
+# diffmic_jax.files the same atomic JSON write (a killed run leaves no half file).
 _REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if _REPO not in sys.path:
   sys.path.insert(0, _REPO)
+from diffmic_jax import files  # pylint: disable=g-import-not-at-top,wrong-import-position
 from diffmic_jax import host  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 PATCHES = [
@@ -545,10 +546,7 @@ def main():
   result["ru_maxrss_bytes"] = ru_maxrss_bytes()
   result["load_average_end"] = list(os.getloadavg())
   os.makedirs(os.path.dirname(os.path.abspath(a.json)), exist_ok=True)
-  tmp = a.json + ".tmp"
-  with open(tmp, "w") as f:
-    json.dump(result, f, indent=1)
-  os.replace(tmp, a.json)
+  files.write_json(a.json, result, indent=1)
   print(f"wrote {a.json}; load average at start {result['load_average']}, end "
         f"{result['load_average_end']}; ru_maxrss {result['ru_maxrss_bytes'] / 1e9:.2f} GB",
         flush=True)
