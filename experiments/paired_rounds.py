@@ -129,14 +129,14 @@ def goal_table(rounds: dict, pairs: dict) -> str:
   Raises:
     errors.UserError: our JSONs of different rounds name different CPU models.
   """
-  cpus = {number: entry["cpu"] for number, entry in rounds.items() if entry["cpu"]}
-  models = {cpu.get("model") for cpu in cpus.values()}
+  cpus = [entry["cpu"] for entry in rounds.values() if entry["cpu"]]
+  models = {cpu.get("model") for cpu in cpus}
   if len(models) > 1:
     raise errors.UserError(f"our JSONs name different CPUs ({', '.join(sorted(map(str, models)))}"
                            "): give the rounds of one machine")
   if not cpus:
     return ""
-  cpu = next(iter(cpus.values()))
+  cpu = cpus[0]
   lines = [f"Goals (issue 13) on {cpu.get('model')} "
            f"({' '.join(cpu.get('vector_extensions', []))}):", "",
            "| goal | rounds met | median speed-up |", "|---|---|---|"]
@@ -169,19 +169,16 @@ def round_commands(number: int, directory: str, official_dir: str, extra_path: s
     official += ["--extra-path", extra_path]
   ours = [python, os.path.join(_EXPERIMENTS, "benchmark.py"), "--noflops"]
 
-  def path(name):
-    return os.path.join(directory, f"round{number}_{name}.json")
-
-  return [
-      (path("1_official_training"), official + ["--only", "training", "--json",
-                                                 path("1_official_training")]),
-      (path("2_ours_training"), ours + ["--only", "training", "--json", path("2_ours_training")]),
-      (path("3_ours_inference"), ours + ["--only", "inference", "--batch-size", "32", "--json",
-                                         path("3_ours_inference")]),
-      (path("4_official_inference"), official + ["--only", "inference", "--batches", "32",
-                                                 "--repeats", "2", "--json",
-                                                 path("4_official_inference")]),
-  ]
+  steps = [("1_official_training", official, ["--only", "training"]),
+           ("2_ours_training", ours, ["--only", "training"]),
+           ("3_ours_inference", ours, ["--only", "inference", "--batch-size", "32"]),
+           ("4_official_inference", official, ["--only", "inference", "--batches", "32",
+                                               "--repeats", "2"])]
+  commands = []
+  for name, base, args in steps:
+    json_path = os.path.join(directory, f"round{number}_{name}.json")
+    commands.append((json_path, base + args + ["--json", json_path]))
+  return commands
 
 
 def run_rounds(directory: str, count: int, official_dir: str, extra_path: str | None = None,
