@@ -46,6 +46,7 @@ import numpy as np
 
 from diffmic_jax import errors
 from diffmic_jax import pretrained
+from diffmic_jax import workdir as workdir_lib
 
 OFFICIAL_ABLATIONS = ("c2", "full")
 CONFIG_HINT = ("the config must describe the official model: data.num_classes, "
@@ -249,11 +250,25 @@ def build_official_state(config, denoiser_state_dict, dcg_state_dict, *, step: i
 
 
 def convert_official(config, ckpt: str, aux_ckpt: str, workdir: str, *, use_ema: bool = False,
-                     trust: bool = False, kinds: Sequence[str] = ("latest", "best")) -> dict:
+                     trust: bool = False, kinds: Sequence[str] = ("latest", "best"),
+                     force: bool = False) -> dict:
   """Converts official ckpt/aux_ckpt files into Orbax checkpoints under `workdir`.
 
+  The workdir must be new or empty: a run's checkpoints are never deleted or replaced. The
+  files are read and converted first, then the workdir's lock is taken (a training run in it
+  refuses the conversion), and only then is anything written.
+
+  Args:
+    force: write into a workdir that already holds files: the converted checkpoint is added to
+      checkpoints/ (nothing there is deleted, and an existing checkpoint of the same step is
+      refused); checkpoints_best/ is written only when it holds no checkpoint yet.
+
   Returns:
-    the meta written with the checkpoints (plus 'step').
+    the meta written with the checkpoints (plus 'step', 'ema' and the 'kinds' written).
+
+  Raises:
+    errors.UserError: a non-empty workdir without `force`, a step that exists already, or a
+      workdir held by a training run.
   """
   from diffmic_jax import checkpointing  # pylint: disable=g-import-not-at-top
   from diffmic_jax import train_state  # pylint: disable=g-import-not-at-top
@@ -263,12 +278,49 @@ def convert_official(config, ckpt: str, aux_ckpt: str, workdir: str, *, use_ema:
   state = build_official_state(config, state_dict, dcg_state_dict, step=step,
                                ema_shadow=ema_shadow, use_ema=use_ema, sources=(ckpt, aux_ckpt))
   meta = train_state.run_meta(None, "joint", best_step=step, source="official")
-  checkpointer = checkpointing.Checkpointer(workdir)
-  for kind in kinds:
-    checkpointer.save(kind, step, state, meta)
-  checkpointer.wait()
-  checkpointer.close()
-  return {**meta, "step": step, "ema": ema_shadow is not None}
+  lock = workdir_lib.lock(workdir)
+  try:
+    kinds = _kinds_to_write(workdir, kinds, step, force)
+    # keep=None: saving never deletes an older checkpoint of the latest manager.
+    checkpointer = checkpointing.Checkpointer(workdir, keep=None)
+    try:
+      for kind in kinds:
+        checkpointer.save(kind, step, state, meta)
+      checkpointer.wait()
+    finally:
+      checkpointer.close()
+  finally:
+    lock.close()
+  return {**meta, "step": step, "ema": ema_shadow is not None, "kinds": list(kinds)}
+
+
+def _kinds_to_write(workdir: str, kinds: Sequence[str], step: int, force: bool) -> list[str]:
+  """The checkpoint kinds a conversion may write into `workdir` (see `convert_official`)."""
+  present = sorted(set(os.listdir(workdir)) - {workdir_lib.LOCK_FILE})
+  if present and not force:
+    raise errors.UserError(
+        f"--workdir {workdir} is not empty (holds {', '.join(present[:5])}"
+        f"{', ...' if len(present) > 5 else ''}): converting into a run could replace its "
+        "checkpoints; pick a new --workdir, or pass --force to add the converted checkpoint "
+        "beside them (checkpoints_best/ is never touched then)")
+  steps = {kind: _finished_steps(os.path.join(workdir, folder))
+           for kind, folder in (("latest", "checkpoints"), ("best", "checkpoints_best"))}
+  if step in steps["latest"]:
+    raise errors.UserError(f"{os.path.join(workdir, 'checkpoints', str(step))} exists: the "
+                           f"converted step {step} would replace it; use a new --workdir")
+  written = [k for k in kinds if not (k == "best" and steps["best"])]
+  if len(written) < len(kinds):
+    logging.warning("%s holds a best checkpoint (steps %s): left untouched, the converted "
+                    "weights are written to checkpoints/ only",
+                    os.path.join(workdir, "checkpoints_best"), sorted(steps["best"]))
+  return written
+
+
+def _finished_steps(folder: str) -> set[int]:
+  """Steps of the finished checkpoints in an Orbax folder (named by their step)."""
+  if not os.path.isdir(folder):
+    return set()
+  return {int(name) for name in os.listdir(folder) if name.isdigit()}
 
 
 def convert_torchvision_file(input_path: str, output_path: str, arch: Optional[str]) -> dict:
@@ -307,6 +359,9 @@ def define_flags(flag_values: flags.FlagValues = flags.FLAGS) -> None:
   flags.DEFINE_bool("use-ema", False, "Use the EMA shadow of ckpt.pth as the denoiser weights "
                     "(ckpt_best.pth has none). Without it the raw weights are used and the "
                     "shadow, if any, becomes the EMA.", flag_values=flag_values)
+  flags.DEFINE_bool("force", False, "Official mode: write into a --workdir that already holds "
+                    "files; nothing there is deleted or replaced, and an existing best "
+                    "checkpoint is kept.", flag_values=flag_values)
   flags.DEFINE_bool("trust-checkpoint", False, "If a .pth cannot be read with torch's safe "
                     "weights-only loader, unpickle it in full (this runs code stored in the "
                     "file: only for files you trust).", flag_values=flag_values)
@@ -330,12 +385,15 @@ def _run_official(fv: flags.FlagValues):
   _require(fv, "config", "ckpt", "aux-ckpt", "workdir")
   workdir, use_ema = fv["workdir"].value, fv["use-ema"].value
   meta = convert_official(fv["config"].value, fv["ckpt"].value, fv["aux-ckpt"].value, workdir,
-                          use_ema=use_ema, trust=fv["trust-checkpoint"].value)
+                          use_ema=use_ema, trust=fv["trust-checkpoint"].value,
+                          force=fv["force"].value)
   weights = "EMA shadow" if use_ema else "raw weights"
-  print(f"Wrote 'latest' and 'best' checkpoints at step {meta['step']} ({weights}; EMA shadow "
+  written = " and ".join(f"'{k}'" for k in meta["kinds"])
+  print(f"Wrote {written} checkpoints at step {meta['step']} ({weights}; EMA shadow "
         f"{'found' if meta['ema'] else 'absent'}) to {os.path.abspath(workdir)}.\n"
         "Evaluate: python -m diffmic_jax.main --config <the same config and overrides> "
-        f"--workdir {workdir} --mode eval --checkpoint best")
+        f"--workdir {workdir} --mode eval --checkpoint "
+        f"{'best' if 'best' in meta['kinds'] else meta['step']}")
 
 
 COMMANDS = {"torchvision": _run_torchvision, "official": _run_official}

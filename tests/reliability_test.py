@@ -344,3 +344,57 @@ def test_no_traceback_in_user_errors():
     assert "Traceback" not in output, (args, output[-3000:])
     errors_printed = [line for line in output.splitlines() if line.startswith("error: ")]
     assert len(errors_printed) == 1, (args, output[-3000:])
+
+
+def _listing(folder):
+  """{relative path: size} of every file under `folder`."""
+  return {os.path.relpath(os.path.join(d, f), folder): os.path.getsize(os.path.join(d, f))
+          for d, _, names in os.walk(folder) for f in names}
+
+
+def test_convert_never_deletes_or_replaces_a_runs_checkpoints(tiny_config, tmp_path):
+  """Hostile round, finding 1: `convert official --workdir W` into an existing run deleted its
+  checkpoints_best/<step> and older latest checkpoints."""
+  pytest.importorskip("torch")
+  from diffmic_jax import convert  # pylint: disable=g-import-not-at-top
+  from tests import pretrained_test  # pylint: disable=g-import-not-at-top
+  cfg = tiny_config()
+  model, dcg = pretrained_test.official_models(cfg)
+  files_at = {}  # step -> (ckpt.pth, aux_ckpt.pth) of official files at that step
+  for step in (100, 200):
+    (tmp_path / str(step)).mkdir()
+    files_at[step] = pretrained_test._official_files(tmp_path / str(step), model, dcg, step=step)  # pylint: disable=protected-access
+  workdir = tmp_path / "run"
+  convert.convert_official(cfg, *files_at[100], str(workdir))  # the run's own checkpoints
+  before = _listing(workdir)
+  assert {"checkpoints/100/meta/metadata", "checkpoints_best/100/meta/metadata"} <= set(before)
+
+  # Without --force: refused from the command line in one line, nothing changed.
+  args = ["official", "--config", "configs/test.py", f"--ckpt={files_at[200][0]}",
+          f"--aux-ckpt={files_at[200][1]}", f"--workdir={workdir}"]
+  proc = subprocess.run([sys.executable, "-m", "diffmic_jax.convert", *args], cwd=conftest.REPO,
+                        env={**os.environ, "PYTHONPATH": conftest.REPO}, capture_output=True,
+                        text=True, timeout=300)
+  USER_ERROR_OUTPUTS.append((args, proc.stdout + proc.stderr))
+  assert proc.returncode == 1, proc.stderr[-3000:]
+  assert f"error: --workdir {workdir} is not empty" in proc.stderr and "--force" in proc.stderr
+  assert _listing(workdir) == before
+
+  # With force: the new step is added beside the old ones; the best checkpoint is untouched.
+  meta = convert.convert_official(cfg, *files_at[200], str(workdir), force=True)
+  assert meta["kinds"] == ["latest"]
+  after = _listing(workdir)
+  assert {k: v for k, v in after.items() if k in before} == before
+  assert checkpointing.Checkpointer(str(workdir)).all_steps() == [100, 200]
+  assert checkpointing.Checkpointer(str(workdir)).all_steps("best") == [100]
+  # The same step again would replace a checkpoint: refused, even with force.
+  with pytest.raises(errors.UserError, match="checkpoints/200 exists"):
+    convert.convert_official(cfg, *files_at[200], str(workdir), force=True)
+  # A training run holds the workdir: refused.
+  lock = workdir_lib.lock(str(tmp_path / "held"))
+  try:
+    with pytest.raises(errors.UserError, match="is held by pid"):
+      convert.convert_official(cfg, *files_at[200], str(tmp_path / "held"))
+  finally:
+    lock.close()
+  assert _listing(workdir) == after
