@@ -1,7 +1,7 @@
 """Built-in demo: DiffMIC on the synthetic 4-class dataset, sized for a 2-core CPU.
 
 The class needs both the global stripe orientation and a small local shape (see
-diffmic_jax/datasets/demo.py), so the DCG's local branch matters. Narrow two-stage ResNets,
+diffmic_jax/data/demo.py), so the DCG's local branch matters. Narrow two-stage ResNets,
 64×64 images, F=256; the diffusion, losses, samplers and protocol are the official ones.
 
   python -m diffmic_jax.main --config configs/demo.py --workdir runs/demo

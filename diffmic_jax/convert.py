@@ -44,9 +44,9 @@ import jax.numpy as jnp
 from ml_collections import config_flags
 import numpy as np
 
-from diffmic_jax import errors
-from diffmic_jax import pretrained
-from diffmic_jax import workdir as workdir_lib
+from diffmic_jax.nn import pretrained
+from diffmic_jax.platform import errors
+from diffmic_jax.run import workdir as workdir_lib
 
 OFFICIAL_ABLATIONS = ("c2", "full")
 CONFIG_HINT = ("the config must describe the official model: data.num_classes, "
@@ -212,9 +212,9 @@ def build_official_state(config, denoiser_state_dict, dcg_state_dict, *, step: i
     a train_state.TrainState with fresh optimiser states, checked against the abstract state that
     `train_state.create_train_state` builds for this config.
   """
-  from diffmic_jax import checkpointing  # pylint: disable=g-import-not-at-top
-  from diffmic_jax import models as models_lib  # pylint: disable=g-import-not-at-top
-  from diffmic_jax import train_state  # pylint: disable=g-import-not-at-top
+  from diffmic_jax.diffusion import models as models_lib  # pylint: disable=g-import-not-at-top
+  from diffmic_jax.run import checkpointing  # pylint: disable=g-import-not-at-top
+  from diffmic_jax.run import train_state  # pylint: disable=g-import-not-at-top
 
   if config.ablation not in OFFICIAL_ABLATIONS:
     raise ValueError(f"config.ablation={config.ablation!r}: official checkpoints hold a DCG and "
@@ -270,8 +270,8 @@ def convert_official(config, ckpt: str, aux_ckpt: str, workdir: str, *, use_ema:
     errors.UserError: a non-empty workdir without `force`, a step that exists already, or a
       workdir held by a training run.
   """
-  from diffmic_jax import checkpointing  # pylint: disable=g-import-not-at-top
-  from diffmic_jax import train_state  # pylint: disable=g-import-not-at-top
+  from diffmic_jax.run import checkpointing  # pylint: disable=g-import-not-at-top
+  from diffmic_jax.run import train_state  # pylint: disable=g-import-not-at-top
 
   state_dict, step, ema_shadow = parse_denoiser_checkpoint(load_official_file(ckpt, trust), ckpt)
   dcg_state_dict = parse_aux_checkpoint(load_official_file(aux_ckpt, trust), aux_ckpt)

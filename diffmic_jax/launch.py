@@ -31,7 +31,7 @@ import sys
 import threading
 import time
 
-from diffmic_jax import distributed
+from diffmic_jax.platform import distributed
 
 _POLL_SECONDS = 0.2
 

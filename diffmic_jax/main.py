@@ -19,16 +19,16 @@ from absl import flags
 from absl import logging
 from ml_collections import config_flags
 
-from diffmic_jax import distributed
-from diffmic_jax import errors
-from diffmic_jax import evaluate
-from diffmic_jax import files
-from diffmic_jax import host
-from diffmic_jax import predict
-from diffmic_jax import run as run_lib
-from diffmic_jax import summary
-from diffmic_jax import train
-from diffmic_jax.datasets import splits as splits_lib
+from diffmic_jax.data import splits as splits_lib
+from diffmic_jax.evaluation import evaluate
+from diffmic_jax.evaluation import predict
+from diffmic_jax.platform import distributed
+from diffmic_jax.platform import errors
+from diffmic_jax.platform import files
+from diffmic_jax.platform import host
+from diffmic_jax.run import run as run_lib
+from diffmic_jax.training import summary
+from diffmic_jax.training import train
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file.",
                                           lock_config=True)

@@ -6,12 +6,12 @@ import jax
 import jax.numpy as jnp
 import pytest
 
-from diffmic_jax import dcg
-from diffmic_jax import losses
-from diffmic_jax import models
-from diffmic_jax import sampler
-from diffmic_jax import train
-from diffmic_jax import train_state
+from diffmic_jax.diffusion import losses
+from diffmic_jax.diffusion import models
+from diffmic_jax.diffusion import sampler
+from diffmic_jax.nn import dcg
+from diffmic_jax.run import train_state
+from diffmic_jax.training import train
 
 EXPECTED = {  # ablation -> (guidance module, has denoiser, MMD weight, stages)
     "basic": (models.Classifier, False, 0.0, ["classifier"]),

@@ -1,4 +1,4 @@
-"""experiments/benchmark.py's comparison with the official code's JSON, and the host probes
+"""experiments/speed/benchmark.py's comparison with the official code's JSON, and the host probes
 it reports (CPU kind, per-row peak memory)."""
 
 import ctypes.util
@@ -13,14 +13,14 @@ import jax
 import numpy as np
 import pytest
 
-from diffmic_jax import errors
-from diffmic_jax import host
-from diffmic_jax import models as models_lib
-from diffmic_jax import sharding
-from diffmic_jax import train_state
+from diffmic_jax.diffusion import models as models_lib
+from diffmic_jax.platform import errors
+from diffmic_jax.platform import host
+from diffmic_jax.platform import sharding
+from diffmic_jax.run import train_state
 from tests import conftest
 
-sys.path.insert(0, os.path.join(conftest.REPO, "experiments"))
+sys.path.insert(0, os.path.join(conftest.REPO, "experiments", "speed"))
 with warnings.catch_warnings():  # ml_collections loads the default --config with load_module()
   warnings.simplefilter("ignore", DeprecationWarning)
   import benchmark  # pylint: disable=g-import-not-at-top,wrong-import-position
@@ -91,7 +91,7 @@ def test_a_bad_official_json_is_refused_naming_the_file(tmp_path, content, messa
 
 
 def test_the_cli_refuses_a_bad_official_json_in_one_line(tmp_path):
-  proc = subprocess.run([sys.executable, "experiments/benchmark.py", "--compare-official",
+  proc = subprocess.run([sys.executable, "experiments/speed/benchmark.py", "--compare-official",
                          str(tmp_path / "missing.json")], cwd=conftest.REPO,
                         capture_output=True, text=True, timeout=120, check=False)
   assert proc.returncode == 1
@@ -131,7 +131,7 @@ def test_peak_memory_is_reset_per_row():
 # glibc's, or a preloaded allocator's (LD_PRELOAD puts it first in the global scope).
 _PROBE_PRELUDE = """
 import ctypes, os, resource
-from diffmic_jax import host
+from diffmic_jax.platform import host
 assert host.tune_cpu_malloc()
 libc = ctypes.CDLL(None)
 libc.malloc.restype, libc.malloc.argtypes = ctypes.c_void_p, [ctypes.c_size_t]

@@ -1,4 +1,4 @@
-"""Tests for diffmic_jax.datasets: builders on generated fixture trees, bad input, splits."""
+"""Tests for diffmic_jax.data: builders on generated fixture trees, bad input, splits."""
 
 import collections
 import csv
@@ -11,12 +11,12 @@ import numpy as np
 from PIL import Image
 import pytest
 
-from diffmic_jax.datasets import builders
-from diffmic_jax.datasets import demo
-from diffmic_jax.datasets import images
-from diffmic_jax.datasets import layouts
-from diffmic_jax.datasets import official_pickle
-from diffmic_jax.datasets import splits
+from diffmic_jax.data import builders
+from diffmic_jax.data import demo
+from diffmic_jax.data import images
+from diffmic_jax.data import layouts
+from diffmic_jax.data import official_pickle
+from diffmic_jax.data import splits
 
 SIZE = 16
 SHARED_DATA = os.environ.get(

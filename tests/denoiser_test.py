@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from diffmic_jax import denoiser
+from diffmic_jax.nn import denoiser
 
 B, C, F, T = 5, 3, 24, 12
 

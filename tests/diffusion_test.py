@@ -5,8 +5,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from diffmic_jax import diffusion
-from diffmic_jax import sampler
+from diffmic_jax.diffusion import diffusion
+from diffmic_jax.diffusion import sampler
 
 # REFERENCE.md §5.1: (i, √ᾱ_i, √(1−ᾱ_i)).
 TABLE = [(0, 0.99995, 0.0100), (9, 0.9990, 0.0435), (59, 0.9796, 0.2011), (99, 0.9471, 0.3209),

@@ -4,8 +4,8 @@ known maxima; eval-mode example selection puts the confidently wrong first."""
 import jax.numpy as jnp
 import numpy as np
 
-from diffmic_jax import dcg
-from diffmic_jax import explain
+from diffmic_jax.evaluation import explain
+from diffmic_jax.nn import dcg
 
 # Six known maxima of a 4×4 saliency grid (class 1), strongest first; everything else is 0.
 MAXIMA = [(2, 1), (0, 3), (3, 3), (1, 0), (0, 0), (2, 2)]

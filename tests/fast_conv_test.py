@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from diffmic_jax import fast_conv
+from diffmic_jax.nn import fast_conv
 
 # (name, input [B, H, W, Ci], kernel [kh, kw, Ci, Co], strides, padding): the
 # conv kinds of a torchvision ResNet-18/50, at tiny sizes, plus odd sizes
@@ -542,7 +542,10 @@ def test_compiler_options_take_convolutions_off_ynnpack_only():
 def test_package_jits_compile_with_the_compiler_options(monkeypatch):
   """The training step and evaluation's sampler are compiled with `compiler_options()`; the
   public sampler factory only when asked, so that it stays callable inside a user's jit."""
-  from diffmic_jax import evaluate, sampler, sharding, train  # pylint: disable=import-outside-toplevel
+  from diffmic_jax.evaluation import evaluate  # pylint: disable=import-outside-toplevel
+  from diffmic_jax.diffusion import sampler  # pylint: disable=import-outside-toplevel
+  from diffmic_jax.platform import sharding  # pylint: disable=import-outside-toplevel
+  from diffmic_jax.training import train  # pylint: disable=import-outside-toplevel
   seen = []
   real_jit = jax.jit
 

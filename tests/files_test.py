@@ -7,8 +7,8 @@ import flax
 import numpy as np
 import pytest
 
-from diffmic_jax import files
-from diffmic_jax import trees
+from diffmic_jax.platform import files
+from diffmic_jax.platform import trees
 
 
 def test_atomic_open_keeps_the_old_file_when_the_writer_fails(tmp_path):

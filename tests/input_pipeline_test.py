@@ -1,4 +1,5 @@
-"""Tests for diffmic_jax.input_pipeline: splits from configs, training and evaluation batches."""
+"""Tests for diffmic_jax.data.input_pipeline: splits from configs, training and evaluation
+batches."""
 
 import json
 import os
@@ -8,7 +9,7 @@ from PIL import Image
 import pytest
 
 from configs import default
-from diffmic_jax import input_pipeline
+from diffmic_jax.data import input_pipeline
 
 LOW = (0 - np.array(input_pipeline.IMAGENET_MEAN)) / np.array(input_pipeline.IMAGENET_STD)
 HIGH = (1 - np.array(input_pipeline.IMAGENET_MEAN)) / np.array(input_pipeline.IMAGENET_STD)

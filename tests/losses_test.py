@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from diffmic_jax import losses
+from diffmic_jax.diffusion import losses
 
 
 def _double_loop_mmd(x, y):
@@ -71,7 +71,7 @@ def test_dropped_conditioning_is_uniform_and_the_rest_untouched():
 
 
 def test_conditioning_dropout_reaches_the_objective(tiny_config):
-  from diffmic_jax import models  # pylint: disable=g-import-not-at-top
+  from diffmic_jax.diffusion import models  # pylint: disable=g-import-not-at-top
   config = tiny_config()
   variables = None
   results = {}

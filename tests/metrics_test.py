@@ -3,8 +3,8 @@
 import numpy as np
 import pytest
 
-from diffmic_jax import evaluate
-from diffmic_jax import metrics
+from diffmic_jax.evaluation import evaluate
+from diffmic_jax.run import metrics
 
 LABELS = np.array([0, 0, 1, 1, 2, 2])
 PREDS = np.array([0, 1, 1, 1, 2, 0])

@@ -15,13 +15,13 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from diffmic_jax import denoiser as denoiser_lib
-from diffmic_jax import input_pipeline
-from diffmic_jax import models as models_lib
-from diffmic_jax import sampler
-from diffmic_jax import sharding
-from diffmic_jax import train
-from diffmic_jax import train_state
+from diffmic_jax.data import input_pipeline
+from diffmic_jax.diffusion import models as models_lib
+from diffmic_jax.diffusion import sampler
+from diffmic_jax.nn import denoiser as denoiser_lib
+from diffmic_jax.platform import sharding
+from diffmic_jax.run import train_state
+from diffmic_jax.training import train
 
 # Activations that must follow model.dtype: every Conv and BatchNorm of the trunks, the DCG's
 # saliency conv, rho(x)'s projection and BN0, and the denoiser's three conditional layers.

@@ -6,11 +6,11 @@ import numpy as np
 import pytest
 
 from configs import default
-from diffmic_jax import dcg
-from diffmic_jax import denoiser
-from diffmic_jax import layers
-from diffmic_jax import models
-from diffmic_jax import resnet
+from diffmic_jax.diffusion import models
+from diffmic_jax.nn import dcg
+from diffmic_jax.nn import denoiser
+from diffmic_jax.nn import layers
+from diffmic_jax.nn import resnet
 
 
 @pytest.mark.parametrize("num_classes,denoiser_params,dcg_params", [

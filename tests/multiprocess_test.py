@@ -15,12 +15,12 @@ import jax
 import numpy as np
 import pytest
 
-from diffmic_jax import checkpointing
-from diffmic_jax import distributed
 from diffmic_jax import launch
-from diffmic_jax import models as models_lib
-from diffmic_jax import train_state
-from diffmic_jax import workdir as workdir_lib
+from diffmic_jax.diffusion import models as models_lib
+from diffmic_jax.platform import distributed
+from diffmic_jax.run import checkpointing
+from diffmic_jax.run import train_state
+from diffmic_jax.run import workdir as workdir_lib
 
 from tests import conftest
 from tests import tensorboard_test

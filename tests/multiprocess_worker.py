@@ -7,7 +7,7 @@ collective, as a training process waits for a peer that crashed.
 import jax
 from jax.experimental import multihost_utils
 
-from diffmic_jax import distributed
+from diffmic_jax.platform import distributed
 
 
 def main():

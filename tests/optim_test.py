@@ -6,7 +6,7 @@ import numpy as np
 import optax
 import pytest
 
-from diffmic_jax import optim
+from diffmic_jax.run import optim
 
 
 @pytest.mark.parametrize("epoch,expected", [

@@ -1,4 +1,4 @@
-"""experiments/paired_rounds.py: speed-ups taken within each round of interleaved official and
+"""experiments/speed/paired_rounds.py: speed-ups taken within each round of interleaved official and
 own timings, against hand arithmetic on made-up JSONs."""
 
 import json
@@ -9,15 +9,15 @@ import warnings
 
 import pytest
 
-from diffmic_jax import errors
+from diffmic_jax.platform import errors
 from tests import conftest
 
-sys.path.insert(0, os.path.join(conftest.REPO, "experiments"))
+sys.path.insert(0, os.path.join(conftest.REPO, "experiments", "speed"))
 with warnings.catch_warnings():  # via benchmark.py, whose default --config ml_collections loads
   warnings.simplefilter("ignore", DeprecationWarning)  # with load_module()
   import paired_rounds  # pylint: disable=g-import-not-at-top,wrong-import-position
 
-_SCRIPT = os.path.join(conftest.REPO, "experiments", "paired_rounds.py")
+_SCRIPT = os.path.join(conftest.REPO, "experiments", "speed", "paired_rounds.py")
 
 
 def _write(directory, name, content):

@@ -14,9 +14,9 @@ import pytest
 
 from configs import test as test_config
 from diffmic_jax import convert
-from diffmic_jax import models as models_lib
-from diffmic_jax import pretrained
-from diffmic_jax import resnet
+from diffmic_jax.diffusion import models as models_lib
+from diffmic_jax.nn import pretrained
+from diffmic_jax.nn import resnet
 
 FIXTURE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "fixtures", "parity.npz")
 RESNET_WIDTH = 4  # the fixture's torchvision ResNets: full depth, stem width 4

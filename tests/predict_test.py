@@ -11,9 +11,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from diffmic_jax import predict
-from diffmic_jax import train
-from diffmic_jax.datasets import demo
+from diffmic_jax.data import demo
+from diffmic_jax.evaluation import predict
+from diffmic_jax.training import train
 
 from tests import conftest
 

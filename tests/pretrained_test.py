@@ -18,9 +18,9 @@ from absl import flags
 
 from configs import test as test_config
 from diffmic_jax import convert
-from diffmic_jax import models as models_lib
-from diffmic_jax import pretrained
-from diffmic_jax import resnet
+from diffmic_jax.diffusion import models as models_lib
+from diffmic_jax.nn import pretrained
+from diffmic_jax.nn import resnet
 
 torch = pytest.importorskip("torch")
 nn = torch.nn
@@ -459,14 +459,14 @@ def _official_files(tmp_path, model, dcg, ema=None, step=123):
 
 def _abstract_state(cfg):
   """The abstract TrainState that `--mode eval` restores into."""
-  from diffmic_jax import train_state  # pylint: disable=g-import-not-at-top
+  from diffmic_jax.run import train_state  # pylint: disable=g-import-not-at-top
   models = models_lib.create_models(cfg)
   return models, train_state.abstract_train_state(models, cfg)
 
 
 def _restore(cfg, workdir, kind="best"):
   """Restores as `--mode eval` does: a fresh Checkpointer, strictly into the abstract state."""
-  from diffmic_jax import checkpointing  # pylint: disable=g-import-not-at-top
+  from diffmic_jax.run import checkpointing  # pylint: disable=g-import-not-at-top
   models, abstract = _abstract_state(cfg)
   checkpointer = checkpointing.Checkpointer(str(workdir))
   state, meta = checkpointer.restore(kind, None, abstract)

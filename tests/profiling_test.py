@@ -9,7 +9,7 @@ import jax
 import jax.numpy as jnp
 import pytest
 
-from diffmic_jax import profiling
+from diffmic_jax.platform import profiling
 
 
 def test_parse_steps():

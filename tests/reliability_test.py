@@ -10,13 +10,13 @@ import sys
 import numpy as np
 import pytest
 
-from diffmic_jax import checkpointing
-from diffmic_jax import errors
-from diffmic_jax import evaluate
-from diffmic_jax import metrics
-from diffmic_jax import run as run_lib
-from diffmic_jax import train
-from diffmic_jax import workdir as workdir_lib
+from diffmic_jax.evaluation import evaluate
+from diffmic_jax.platform import errors
+from diffmic_jax.run import checkpointing
+from diffmic_jax.run import metrics
+from diffmic_jax.run import run as run_lib
+from diffmic_jax.run import workdir as workdir_lib
+from diffmic_jax.training import train
 
 from tests import conftest
 

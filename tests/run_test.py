@@ -3,8 +3,8 @@
 from absl import logging as absl_logging
 import pytest
 
-from diffmic_jax import errors
-from diffmic_jax import run as run_lib
+from diffmic_jax.platform import errors
+from diffmic_jax.run import run as run_lib
 
 
 def test_deprecated_step_names_move_onto_the_new_fields_with_a_warning(tiny_config, caplog):

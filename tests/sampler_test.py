@@ -7,9 +7,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from diffmic_jax import diffusion
-from diffmic_jax import models
-from diffmic_jax import sampler
+from diffmic_jax.diffusion import diffusion
+from diffmic_jax.diffusion import models
+from diffmic_jax.diffusion import sampler
 
 
 @pytest.fixture(scope="module")

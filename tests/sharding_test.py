@@ -32,11 +32,11 @@ def _child(out_path: str) -> None:
   jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
   jax.config.update("jax_numpy_rank_promotion", "raise")  # as tests/conftest.py
   from configs import test as test_config
-  from diffmic_jax import evaluate
-  from diffmic_jax import models as models_lib
-  from diffmic_jax import sharding
-  from diffmic_jax import train
-  from diffmic_jax import train_state
+  from diffmic_jax.evaluation import evaluate
+  from diffmic_jax.diffusion import models as models_lib
+  from diffmic_jax.platform import sharding
+  from diffmic_jax.training import train
+  from diffmic_jax.run import train_state
   # pylint: enable=g-import-not-at-top
 
   cfg = test_config.get_config()

@@ -1,4 +1,4 @@
-"""experiments/speed_goals.py: issue 13's goals computed from benchmark JSONs, against hand
+"""experiments/speed/speed_goals.py: issue 13's goals computed from benchmark JSONs, against hand
 arithmetic on made-up timings."""
 
 import json
@@ -10,7 +10,7 @@ import pytest
 
 from tests import conftest
 
-sys.path.insert(0, os.path.join(conftest.REPO, "experiments"))
+sys.path.insert(0, os.path.join(conftest.REPO, "experiments", "speed"))
 with warnings.catch_warnings():  # via benchmark.py, whose default --config ml_collections loads
   warnings.simplefilter("ignore", DeprecationWarning)  # with load_module()
   import speed_goals  # pylint: disable=g-import-not-at-top,wrong-import-position

@@ -5,8 +5,8 @@ import json
 import jax
 import jax.numpy as jnp
 
-from diffmic_jax import models as models_lib
-from diffmic_jax import summary
+from diffmic_jax.diffusion import models as models_lib
+from diffmic_jax.training import summary
 
 # configs/test.py's trunk: ResNet-18 blocks, stage_sizes (1, 1), width 8, on RGB.
 _STEM = 7 * 7 * 3 * 8 + 2 * 8  # 7x7 conv (bias-free) + BatchNorm scale and bias
@@ -38,7 +38,7 @@ def test_parameter_counts_of_a_tiny_model_match_a_hand_count(tiny_config):
 def test_flops_count_every_convolution_as_a_direct_one(tiny_config):
   """The FLOPs are the model's, not the convolution algorithm's: Winograd computes the same
   3x3 layers with fewer multiplications, and a count taken through it would lower the FLOP
-  floor that `experiments/benchmark.py` compares against (and change with the CPU kind,
+  floor that `experiments/speed/benchmark.py` compares against (and change with the CPU kind,
   since `auto` picks per CPU)."""
   direct, winograd = tiny_config(), tiny_config()
   direct.model.conv_impl, winograd.model.conv_impl = "xla", "winograd"

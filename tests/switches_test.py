@@ -7,12 +7,12 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from diffmic_jax import diffusion
-from diffmic_jax import layers
-from diffmic_jax import losses
-from diffmic_jax import models
-from diffmic_jax import train
-from diffmic_jax import train_state
+from diffmic_jax.diffusion import diffusion
+from diffmic_jax.diffusion import losses
+from diffmic_jax.diffusion import models
+from diffmic_jax.nn import layers
+from diffmic_jax.run import train_state
+from diffmic_jax.training import train
 
 
 def _bundle(tiny_config, **overrides):

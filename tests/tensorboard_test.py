@@ -11,7 +11,7 @@ import numpy as np
 from PIL import Image
 from tensorboardX.proto import event_pb2
 
-from diffmic_jax import tensorboard
+from diffmic_jax.run import tensorboard
 
 
 def _file_events(path: str) -> list:

@@ -12,14 +12,14 @@ import jax
 import numpy as np
 import pytest
 
-from diffmic_jax import checkpointing
-from diffmic_jax import evaluate
-from diffmic_jax import models as models_lib
-from diffmic_jax import run as run_lib
-from diffmic_jax import sampler
-from diffmic_jax import sharding
-from diffmic_jax import train
-from diffmic_jax import train_state
+from diffmic_jax.diffusion import models as models_lib
+from diffmic_jax.diffusion import sampler
+from diffmic_jax.evaluation import evaluate
+from diffmic_jax.platform import sharding
+from diffmic_jax.run import checkpointing
+from diffmic_jax.run import run as run_lib
+from diffmic_jax.run import train_state
+from diffmic_jax.training import train
 
 from tests import conftest
 

@@ -5,9 +5,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from diffmic_jax import evaluate
-from diffmic_jax import metrics
-from diffmic_jax import sampler
+from diffmic_jax.diffusion import sampler
+from diffmic_jax.evaluation import evaluate
+from diffmic_jax.run import metrics
 
 # ŷ₀ of S = 5 samples for B = 2 images and C = 3 classes.
 Y0 = np.array([

@@ -1,0 +1,430 @@
+"""One evaluation function over a whole split, used for validation and for the test.
+
+`evaluate(run, state, split, final=...)` is the entry point behind both validation during
+training (`validate`) and the test after training and `--mode eval` (`evaluate_checkpoint`);
+`load_variables` restores a checkpoint's inference variables for other programs.
+
+Padded batches are masked, predictions from every batch are gathered, and metrics come from the
+whole split. The DCG heads (fused, global, local) are scored beside the diffusion head, so users
+see what the diffusion adds.
+"""
+
+import csv
+import functools
+import os
+import re
+import time
+
+import jax
+import numpy as np
+import tqdm
+from absl import logging
+from jax.experimental import multihost_utils
+
+from diffmic_jax.data import input_pipeline
+from diffmic_jax.data import splits as splits_lib
+from diffmic_jax.diffusion import models as models_lib
+from diffmic_jax.diffusion import sampler
+from diffmic_jax.evaluation import explain
+from diffmic_jax.nn import fast_conv
+from diffmic_jax.platform import distributed
+from diffmic_jax.platform import files
+from diffmic_jax.platform import sharding
+from diffmic_jax.run import checkpointing
+from diffmic_jax.run import metrics
+from diffmic_jax.run import run as run_lib
+from diffmic_jax.run import tensorboard
+from diffmic_jax.run import train_state
+
+
+# Per-example outputs of `sampler.sample` that `predict` gathers besides the guidance logits.
+SAMPLE_KEYS = ("probs", "entropy", "vote_probs", "agreement", "interval_separated")
+
+
+@functools.lru_cache(maxsize=8)
+def _sample_fn(models, sampler_name: str, num_steps: int, num_samples: int):
+  # Cached so that every validation reuses one compiled sampler.
+  return sampler.make_sample_fn(models, sampler_name, num_steps, num_samples,
+                                compiler_options=fast_conv.compiler_options())
+
+
+def eval_variables(variables: dict, ema_params, use_ema: bool) -> dict:
+  """Variables for evaluation: the denoiser's EMA parameters replace its raw ones if asked."""
+  if not use_ema or "denoiser" not in variables:
+    return variables
+  return {**variables, "denoiser": {**variables["denoiser"], "params": ema_params}}
+
+
+# |ŷ₀| beyond this is a diverged chain: ŷ₀ lives near the one-hot simplex (|ŷ₀| ~ 1).
+DIVERGED_ABS = 1e3
+
+
+def stable_probs(y0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+  """softmax(ŷ₀) averaged over chains, computed so that huge or non-finite ŷ₀ cannot crash.
+
+  Args:
+    y0: [N, S, C] final ŷ₀ of S chains per example (or classifier logits, S = 1).
+
+  Returns:
+    (probs [N, C] float64: the mean over the finite chains, NaN where no chain is finite (such
+     examples count as wrong, see `metrics.classification_metrics`); diverged [N] chains that
+     are non-finite or beyond DIVERGED_ABS; non_finite [N] chains with a NaN or inf).
+  """
+  y0 = np.asarray(y0, np.float64)
+  finite = np.isfinite(y0).all(axis=-1)  # [N, S]
+  safe = np.where(finite[..., None], y0, 0.0)
+  z = np.exp(safe - safe.max(axis=-1, keepdims=True))  # max-shifted: no overflow for any size
+  chain_probs = z / z.sum(axis=-1, keepdims=True)
+  count = finite.sum(axis=1)
+  with np.errstate(invalid="ignore", divide="ignore"):
+    probs = (chain_probs * finite[..., None]).sum(axis=1) / count[:, None]
+  exploded = finite & (np.abs(safe).max(axis=-1) > DIVERGED_ABS)
+  return probs, (~finite | exploded).sum(axis=1), (~finite).sum(axis=1)
+
+
+def predict(models, variables, batches, key, mesh, *, sampler_name: str, num_steps: int,
+            num_samples: int = 1, progress: str | None = None) -> dict:
+  """Runs the sampler over every batch and gathers the unpadded outputs on the host.
+
+  Args:
+    models: the model bundle.
+    variables: {'guidance', 'denoiser'} variables.
+    batches: iterable of {'image': [B, H, W, 3], 'label': [B], 'mask': [B]} host batches.
+    key: PRNG key; batch i uses fold_in(key, i).
+    mesh: the ('data',) mesh.
+    sampler_name, num_steps, num_samples: see `sampler.make_sample_fn`.
+    progress: a progress-bar label (process 0), or None for no bar.
+
+  Returns:
+    {'labels': [N], 'probs': [N, C] (`stable_probs`), 'diverged', 'non_finite': [N] chains per
+     example, 'fused'/'global'/'local': [N, C] guidance logits, and the other SAMPLE_KEYS of
+     `sampler.sample`: 'entropy' [N], 'vote_probs' [N, C], 'agreement' [N],
+     'interval_separated' [N]}.
+  """
+  sample_fn = _sample_fn(models, sampler_name, num_steps, num_samples)
+  bar = tqdm.tqdm(total=len(batches) if hasattr(batches, "__len__") else None, desc=progress,
+                  unit="batch", leave=False, dynamic_ncols=True,
+                  disable=progress is None or jax.process_index() != 0)
+  outputs, in_flight = [], None
+  for i, batch in enumerate(sharding.prefetch(batches, mesh)):
+    out = sample_fn(variables, batch["image"], jax.random.fold_in(key, i))
+    outputs.append({"labels": batch["label"], "mask": batch["mask"], "y0": out["y0"],
+                    **{k: out[k] for k in SAMPLE_KEYS if k != "probs"},
+                    **out["guidance_logits"]})
+    if in_flight is not None:  # one batch stays queued; the bar counts finished ones
+      jax.block_until_ready(in_flight)
+      bar.update(1)
+    in_flight = out["y0"]
+  if in_flight is not None:
+    jax.block_until_ready(in_flight)
+    bar.update(1)
+  bar.close()
+  if not outputs:
+    raise ValueError("evaluation split is empty")
+  gathered = multihost_utils.process_allgather(outputs, tiled=True)
+  merged = {k: np.concatenate([np.asarray(o[k]) for o in gathered]) for k in gathered[0]}
+  mask = merged.pop("mask").astype(bool)
+  merged = {k: v[mask] for k, v in merged.items()}
+  merged["probs"], merged["diverged"], merged["non_finite"] = stable_probs(merged.pop("y0"))
+  return merged
+
+
+def _softmax(logits):
+  """Row softmax in float64; rows with a non-finite logit give NaN (counted as wrong)."""
+  probs, _, _ = stable_probs(np.asarray(logits)[:, None, :])
+  return probs
+
+
+def score(predictions: dict, num_classes: int, with_diffusion: bool = True,
+          dcg: bool = True) -> dict:
+  """Metrics per head: 'diffusion' (when there is a denoiser), then 'dcg_fused',
+  'dcg_global', 'dcg_local' for the DCG, or 'classifier' for the ablations' plain classifier."""
+  labels = predictions["labels"]
+  results = {}
+  if with_diffusion:
+    results["diffusion"] = metrics.classification_metrics(predictions["probs"], labels,
+                                                          num_classes)
+    if "diverged" in predictions:
+      results["diffusion"]["num_diverged"] = int(np.sum(predictions["diverged"]))
+  heads = {f"dcg_{h}": h for h in ("fused", "global", "local")} if dcg else {"classifier": "fused"}
+  for name, head in heads.items():
+    results[name] = metrics.classification_metrics(
+        _softmax(predictions[head].astype(np.float64)), labels, num_classes)
+  return results
+
+
+def divergence_lines(results: dict, split: str) -> list[str]:
+  """One line per head that had diverged chains or non-finite outputs on `split`."""
+  lines = []
+  for head, m in results.items():
+    diverged, non_finite = m.get("num_diverged", 0), m.get("num_nonfinite", 0)
+    if diverged or non_finite:
+      chains = f"{diverged} chains diverged (|ŷ₀| > {DIVERGED_ABS:g} or non-finite), " \
+          if "num_diverged" in m else ""
+      lines.append(f"{head} head on {split}: {chains}{non_finite} of {m['num_examples']} "
+                   "examples without a finite prediction (counted as wrong)")
+  return lines
+
+
+def write_report(results: dict, class_names, workdir: str, split: str, extra: dict) -> str:
+  """Writes DIR/eval/<split>_metrics.json and the confusion-matrix PNG; returns the table."""
+  out_dir = os.path.join(workdir, "eval")
+  os.makedirs(out_dir, exist_ok=True)
+  head, main = next(iter(results.items()))
+  if jax.process_index() == 0:
+    metrics.write_json(os.path.join(out_dir, f"{split}_metrics.json"),
+                       {**extra, "class_names": list(class_names), "heads": results})
+    metrics.save_confusion_png(main["confusion_matrix"], class_names,
+                               os.path.join(out_dir, f"{split}_confusion.png"),
+                               f"{split}: {head} (accuracy {main['accuracy']:.3f})")
+  return metrics.format_table(results, class_names)
+
+
+def write_predictions(predictions: dict, ids, class_names, workdir: str, split: str) -> None:
+  """Writes DIR/eval/<split>_predictions.csv: one row per example, in split order."""
+  if jax.process_index() != 0:
+    return
+  labels = predictions["labels"]
+  ids = list(ids) if ids is not None else [str(i) for i in range(len(labels))]
+  probs = predictions["probs"]
+  fused = predictions["fused"].argmax(axis=1)
+  path = os.path.join(workdir, "eval", f"{split}_predictions.csv")
+  with files.atomic_open(path, "w", newline="") as f:
+    writer = csv.writer(f)
+    writer.writerow(["id", "label", "prediction", "dcg_fused_prediction"]
+                    + [f"p_{name}" for name in class_names])
+    for i, label in enumerate(labels):
+      prediction = int(probs[i].argmax()) if np.isfinite(probs[i]).all() else -1  # diverged
+      writer.writerow([ids[i], int(label), prediction, int(fused[i])]
+                      + [f"{p:.6f}" for p in probs[i]])
+
+
+def uncertainty_report(predictions: dict, num_classes: int, dcg: bool = True) -> dict:
+  """Defer-to-expert curves and reliability data of the diffusion head and the guidance heads.
+
+  Returns:
+    {'defer': {name: `metrics.defer_curve`}, 'calibration': {head: `metrics.reliability_curve`}}.
+    Defer curves score the diffusion head's predictions by its predictive entropy, by
+    1 − sample agreement and by 1 − the DCG's fused max softmax, and the DCG's own predictions
+    by 1 − their max softmax. Calibration covers the diffusion head's vote probabilities and
+    mean softmax, and the guidance heads' softmax.
+  """
+  labels = predictions["labels"]
+  preds = predictions["probs"].argmax(axis=1)
+  heads = ("fused", "global", "local") if dcg else ("fused",)
+  prefix = "dcg_" if dcg else "classifier_"
+  softmax = {h: _softmax(predictions[h].astype(np.float64)) for h in heads}
+  fused_confidence = softmax["fused"].max(axis=1)
+  scores = {"diffusion: entropy": predictions["entropy"],
+            "diffusion: 1 - agreement": 1.0 - predictions["agreement"],
+            f"diffusion: 1 - {prefix}fused max prob": 1.0 - fused_confidence}
+  defer = {name: metrics.defer_curve(score, preds, labels, num_classes)
+           for name, score in scores.items()}
+  defer[f"{prefix}fused: 1 - max prob"] = metrics.defer_curve(
+      1.0 - fused_confidence, softmax["fused"].argmax(axis=1), labels, num_classes)
+  calibration = {"diffusion (vote)": metrics.reliability_curve(predictions["vote_probs"], labels),
+                 "diffusion (mean softmax)": metrics.reliability_curve(predictions["probs"],
+                                                                        labels)}
+  for h in heads:
+    calibration[f"{prefix}{h}"] = metrics.reliability_curve(softmax[h], labels)
+  return {"defer": defer, "calibration": calibration}
+
+
+def write_uncertainty_report(report: dict, workdir: str, split: str) -> None:
+  """DIR/eval/<split>_uncertainty.json, <split>_defer.png and <split>_reliability.png."""
+  if jax.process_index() != 0:
+    return
+  out_dir = os.path.join(workdir, "eval")
+  os.makedirs(out_dir, exist_ok=True)
+  metrics.write_json(os.path.join(out_dir, f"{split}_uncertainty.json"), report)
+  metrics.save_defer_png(report["defer"], os.path.join(out_dir, f"{split}_defer.png"),
+                         f"{split}: refer the most uncertain cases")
+  metrics.save_reliability_png(report["calibration"],
+                               os.path.join(out_dir, f"{split}_reliability.png"),
+                               f"{split}: reliability")
+
+
+def _file_stem(example_id) -> str:
+  """An example id (which may be a relative path such as 'benign/benign (1).png') as one safe
+  file-name component."""
+  stem = os.path.splitext(str(example_id))[0]
+  return re.sub(r"[^A-Za-z0-9._-]+", "_", stem).strip("_") or "example"
+
+
+def write_overlays(models, variables, source, predictions: dict, ids, class_names,
+                   workdir: str, split: str, num: int, batch_size: int) -> list[str]:
+  """Explanation PNGs (`explain`) of `num` examples of the split, the most confidently wrong
+  first, in DIR/eval/overlays/<split>_<rank>_<id>[_wrong].png. Nothing without a DCG.
+
+  Returns:
+    the paths written.
+  """
+  crop_size = getattr(models.guidance, "crop_size", None)
+  if jax.process_index() != 0 or num <= 0 or crop_size is None:
+    return []
+  # Process 0 computes alone: a host copy keeps the computation off the other processes'
+  # devices (global arrays would make it a collective that they never join).
+  variables = jax.device_get(variables)
+  labels = predictions["labels"]
+  chosen = explain.select_examples(predictions, labels, num)
+  images = np.stack([np.asarray(source[i]["image"]) for i in chosen])
+  auxes = explain.explanation_aux(models, variables, images, batch_size)
+  out_dir = os.path.join(workdir, "eval", "overlays")
+  os.makedirs(out_dir, exist_ok=True)
+  ids = list(ids) if ids is not None else [str(i) for i in range(len(labels))]
+  paths = []
+  for rank, (i, image, aux) in enumerate(zip(chosen, images, auxes)):
+    k = int(predictions["probs"][i].argmax())
+    tag = "_wrong" if k != int(labels[i]) else ""
+    path = os.path.join(out_dir, f"{split}_{rank:03d}_{_file_stem(ids[i])}{tag}.png")
+    explain.save_overlay(path, image, aux, class_index=k, crop_size=crop_size,
+                         title=explain.title(class_names, predictions, i, labels[i]))
+    paths.append(path)
+  return paths
+
+
+# ---------------------------------------------------------------------------------------------
+# The evaluation entry point: validation during training, the final test and `--mode eval`.
+
+
+def inference_variables(state, use_ema: bool) -> dict:
+  """{'guidance', 'denoiser'?} variables of a `train_state.TrainState` for evaluation."""
+  variables = {"guidance": state.guidance}
+  if state.denoiser:
+    variables = eval_variables({**variables, "denoiser": state.denoiser}, state.ema, use_ema)
+  return variables
+
+
+def _eval_batches(run, source):
+  """Padded evaluation batches of this process's share of a split."""
+  batch = sharding.check_batch_size(run.config.training.eval_batch_size, run.mesh,
+                                    "training.eval_batch_size")
+  return input_pipeline.eval_batches(source, run.config.data, batch_size=batch,
+                                     shard_index=jax.process_index(),
+                                     num_shards=jax.process_count())
+
+
+def _score(models, predictions):
+  return score(predictions, models.num_classes, models.denoiser is not None,
+               dcg=models.guidance_heads == models_lib.GUIDANCE_HEADS["dcg"])
+
+
+def _sampler_settings(config, final: bool) -> dict:
+  """The sampler of validation during training (cheaper) or of the final test."""
+  d = config.diffusion
+  if final:
+    return {"sampler_name": d.sampler, "num_steps": d.test_steps,
+            "num_samples": d.predict_num_samples}
+  return {"sampler_name": d.val_sampler, "num_steps": d.val_steps,
+          "num_samples": d.num_samples}
+
+
+def evaluate(run: run_lib.Run, state, split: str, *, final: bool) -> tuple[dict, dict]:
+  """Scores one split of a run: the one evaluation behind validation and the test.
+
+  Args:
+    run: the prepared run (`run.prepare`).
+    state: a `train_state.TrainState` (its EMA replaces the denoiser's parameters when
+      config.optim.eval_with_ema is set).
+    split: 'train', 'val' or 'test'.
+    final: False for validation during training (config.diffusion.val_sampler, val_steps,
+      num_samples), True for the test and `--mode eval` (sampler, test_steps,
+      predict_num_samples).
+
+  Returns:
+    (metrics {head: metrics}, see `score`; predictions of every example, see `predict`).
+  """
+  variables = inference_variables(state, run.config.optim.eval_with_ema)
+  batches = _eval_batches(run, getattr(run.splits, split))
+  label = f"{'evaluation' if final else 'validation'} ({split})"
+  predictions = predict(run.models, variables, batches, run.eval_key, run.mesh,
+                        progress=label, **_sampler_settings(run.config, final))
+  return _score(run.models, predictions), predictions
+
+
+def validate(run: run_lib.Run, state, split: str) -> dict:
+  """Validation during training: the metrics {head: metrics} of `split` ('val', or 'test'
+  with select_best_on='test')."""
+  results, _ = evaluate(run, state, split, final=False)
+  return results
+
+
+def _checkpoint_kind(checkpoint):
+  if checkpoint in checkpointing.KINDS:
+    return checkpoint, None
+  if str(checkpoint).isdigit():
+    return "latest", int(checkpoint)
+  raise ValueError(f"--checkpoint={checkpoint!r}; use 'best', 'latest' or a step number")
+
+
+def load_variables(config, workdir: str, checkpoint: str = "best"):
+  """Restores a checkpoint for use outside the training loop (no dataset needed).
+
+  Args:
+    config: the config the checkpoint was trained with.
+    workdir: the training workdir.
+    checkpoint: 'best', 'latest' or a step number.
+
+  Returns:
+    (models bundle, variables {'guidance', 'denoiser'}) ready for `sampler.sample`; the
+    denoiser's parameters are its EMA when config.optim.eval_with_ema is set.
+  """
+  models = models_lib.create_models(config)
+  kind, step = _checkpoint_kind(checkpoint)
+  checkpointer = checkpointing.Checkpointer(workdir, config.training.keep_checkpoints)
+  try:
+    state, _ = checkpointer.restore(kind, step, train_state.abstract_train_state(models, config))
+  finally:
+    checkpointer.close()
+  return models, inference_variables(state, config.optim.eval_with_ema)
+
+
+def evaluate_checkpoint(config, workdir: str, split: str = "test", checkpoint: str = "best",
+                        run: run_lib.Run | None = None) -> dict:
+  """`--mode eval` and the test after training: restores 'best', 'latest' or a step number,
+  scores one split and writes the reports under DIR/eval (process 0), and their confusion
+  matrix and explanation PNGs to TensorBoard (`eval_<split>/*` at the checkpoint's step).
+
+  Returns:
+    the metrics {head: metrics}.
+  """
+  run = run or run_lib.prepare(config, workdir)
+  kind, step = _checkpoint_kind(checkpoint)
+  state, _ = run.checkpointer.restore(kind, step,
+                                      train_state.abstract_train_state(run.models, config))
+  state = sharding.replicate(state, run.mesh)
+  d = run.config.diffusion
+  if split not in splits_lib.SPLIT_NAMES:
+    raise ValueError(f"--split={split!r}; choose from {sorted(splits_lib.SPLIT_NAMES)}")
+  source = getattr(run.splits, split)
+  start = time.time()
+  results, predictions = evaluate(run, state, split, final=True)
+  diffusion_head = run.models.denoiser is not None
+  extra = {"split": split, "checkpoint": kind, "step": int(state.step),
+           **({"sampler": d.sampler, "steps": d.test_steps,
+               "num_samples": d.predict_num_samples,
+               "eval_with_ema": bool(config.optim.eval_with_ema)} if diffusion_head else {}),
+           "seconds": time.time() - start}
+  table = write_report(results, run.splits.class_names, workdir, split, extra)
+  write_predictions(predictions, getattr(source, "ids", None), run.splits.class_names, workdir,
+                    split)
+  if diffusion_head:
+    report = uncertainty_report(predictions, run.models.num_classes,
+                                dcg=run.models.guidance_heads == models_lib.GUIDANCE_HEADS["dcg"])
+    write_uncertainty_report(report, workdir, split)
+  overlays = write_overlays(run.models, inference_variables(state, config.optim.eval_with_ema),
+                            source, predictions, getattr(source, "ids", None),
+                            run.splits.class_names, workdir, split,
+                            num=config.training.eval_overlays,
+                            batch_size=config.training.eval_batch_size)
+  if not distributed.is_primary():
+    return results
+  confusion = os.path.join(workdir, "eval", f"{split}_confusion.png")
+  tensorboard.add_evaluation_images(workdir, int(state.step), split, [confusion, *overlays])
+  # The 'basic' ablation has no diffusion head, hence no sampler to name.
+  sampler_note = f", sampler {d.sampler}, {d.test_steps} steps" if diffusion_head else ""
+  print(f"\n{split} metrics (checkpoint {kind} at step {int(state.step)}{sampler_note}):\n"
+        f"{table}\n", flush=True)
+  for line in divergence_lines(results, split):
+    logging.warning(line)
+  return results

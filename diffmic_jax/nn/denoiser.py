@@ -1,0 +1,203 @@
+"""The conditional noise model ε_θ(x, y_t, t, ŷ) and its image encoder ρ(x), REFERENCE.md §3–4.
+
+ρ(x) = BN₀(Dense_{512→F}(GAP(ResNet-18(x)))) is computed by `encode` and can be reused by
+several `denoise` calls (three noising streams per training step, every sampler step).
+`denoise` is CARD's conditional MLP: three ConditionalLinear layers (Dense times a learned
+per-timestep vector γ_t), each followed by BatchNorm and softplus, the Hadamard product with
+ρ(x) after the first, then a Dense to C.
+"""
+
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from diffmic_jax.nn import layers
+from diffmic_jax.nn import resnet
+
+
+def _uniform01(key, shape, dtype=jnp.float32):
+  return jax.random.uniform(key, shape, dtype)
+
+
+class ConditionalLinear(nn.Module):
+  """out = γ_t ⊙ (W·in + b), γ a learned (num_steps × F) table initialised U[0, 1)."""
+
+  features: int
+  num_steps: int
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x, t):
+    """x: [B, D_in]; t: [B] or [] int timesteps -> [B, F]."""
+    out = layers.TorchDense(self.features, dtype=self.dtype, name="lin")(x)
+    gamma = nn.Embed(self.num_steps, self.features, embedding_init=_uniform01,
+                     name="embed")(t).astype(self.dtype)
+    return (gamma if gamma.ndim == 2 else gamma[None, :]) * out
+
+
+class NoiseModel(nn.Module):
+  """ε_θ with its encoder ρ.
+
+  Attributes:
+    num_classes: C.
+    num_timesteps: T; the γ tables have T + 1 rows as in the official code (row T unused).
+    feature_dim: F (6144 in the paper).
+    encoder: `resnet.ResNet` constructor kwargs as a tuple of (name, value) pairs.
+    conditioning_width: number of C-wide vectors concatenated with y_t (1: [y_t, ŷ] as the
+      official code; 2: the paper's [y_t, ŷ_g, ŷ_l]).
+    encoder_bn_momentum: momentum of BN₀; a shared ρ(x) applied to three streams is
+      equivalent to three official updates with 0.9**3.
+    unbiased_running_var: PyTorch's BatchNorm running-variance convention.
+  """
+
+  num_classes: int
+  num_timesteps: int
+  feature_dim: int
+  encoder: Any
+  conditioning_width: int = 1
+  encoder_bn_momentum: float = 0.9
+  unbiased_running_var: bool = True
+  dtype: Any = jnp.float32
+
+  def setup(self):
+    bn = lambda **kw: layers.BatchNorm(unbiased_running_var=self.unbiased_running_var,
+                                       dtype=self.dtype, **kw)
+    self.encoder_net = resnet.ResNet(dtype=self.dtype, **dict(self.encoder))
+    self.encoder_proj = layers.TorchDense(self.feature_dim, dtype=self.dtype)
+    self.norm = bn(momentum=self.encoder_bn_momentum)
+    steps = self.num_timesteps + 1
+    self.lin1 = ConditionalLinear(self.feature_dim, steps, self.dtype)
+    self.lin2 = ConditionalLinear(self.feature_dim, steps, self.dtype)
+    self.lin3 = ConditionalLinear(self.feature_dim, steps, self.dtype)
+    self.norm1, self.norm2, self.norm3 = bn(), bn(), bn()
+    self.lin4 = layers.TorchDense(self.num_classes, dtype=self.dtype)
+
+  def encode(self, x, train: bool):
+    """ρ(x) after BN₀: x [B, H, W, 3] -> [B, F]."""
+    pooled, _ = self.encoder_net(x, train)
+    return self.norm(self.encoder_proj(pooled.astype(self.dtype)), train)
+
+  def denoise(self, features, y_t, conditioning, t, train: bool):
+    """ε̂ from cached image features.
+
+    Args:
+      features: [B, F] ρ(x) from `encode`.
+      y_t: [B, C] noisy label vector.
+      conditioning: [B, C·conditioning_width] the guidance prior(s) ŷ.
+      t: [B] or [] integer timesteps in [0, T).
+      train: BatchNorm mode.
+
+    Returns:
+      [B, C] float32 ε̂.
+    """
+    u = jnp.concatenate([y_t, conditioning], axis=-1).astype(self.dtype)
+    h = nn.softplus(self.norm1(self.lin1(u, t), train))
+    h = features.astype(self.dtype) * h
+    h = nn.softplus(self.norm2(self.lin2(h, t), train))
+    h = nn.softplus(self.norm3(self.lin3(h, t), train))
+    return self.lin4(h).astype(jnp.float32)
+
+  def __call__(self, x, y_t, conditioning, t, train: bool):
+    """The official forward: ρ(x) recomputed, then `denoise`."""
+    return self.denoise(self.encode(x, train), y_t, conditioning, t, train)
+
+
+# ----------------------------------------------------------------------------- sampling layout
+#
+# The reverse chain calls ε_θ 100-1000 times on the same ρ(x) with the same weights, so its
+# weights are rearranged once per sampling call (`fold_for_sampling`) and each step runs
+# `denoise_folded`. Two changes, both exact up to float32 rounding:
+# - BatchNorm with running statistics folded into the γ tables: BN(γ_t ⊙ (W·u + b)) =
+#   (γ_t ⊙ s) ⊙ (W·u + b) + (β − μ·s), s = scale / √(var + ε);
+# - for batches of more than one image, feature-major activations h [F, B] with weights
+#   [F_out, F_in] (PyTorch's layout). XLA's CPU dot is fastest with the contracted dimension
+#   minor on both sides and the wide dimension as rows: at B=32, F=6144 a [F, F] × [F, B]
+#   product runs at the machine's matmul peak, 1.35× faster than `u @ W` with W [in, out]
+#   (experiments/README.md, "Speed on an AVX-512 CPU"). The transpose must happen outside the
+#   `lax.scan`: written inside, XLA folds it into the dot and re-reads the kernel transposed at
+#   every step (4.8× slower). A single image is a matrix-vector product, which XLA runs
+#   fastest as u [1, F] @ W [F, F] (8.8 against 12.8 ms per step on 2 cores), so batch 1 keeps
+#   the stored layout.
+
+_CONDITIONAL_LAYERS = (("lin1", "norm1"), ("lin2", "norm2"), ("lin3", "norm3"))
+
+
+def _bn_scale_shift(params, stats, epsilon):
+  """Eval BatchNorm as x·s + c: s, c [F] in float32."""
+  s = params["scale"] * jax.lax.rsqrt(stats["var"] + epsilon)
+  return s, params["bias"] - stats["mean"] * s
+
+
+def fold_for_sampling(variables, dtype=jnp.float32, feature_major: bool = True) -> dict:
+  """Eval-mode `NoiseModel.denoise` weights in the sampler's layout (see above).
+
+  Args:
+    variables: the denoiser's Flax variables {'params', 'batch_stats'}.
+    dtype: the model's compute dtype (`NoiseModel.dtype`).
+    feature_major: weights [F_out, F_in] (for `denoise_folded(..., feature_major=True)`);
+      False keeps Flax's [F_in, F_out].
+
+  Returns:
+    {'lin1'|'lin2'|'lin3': {'w', 'b': [F], 'gamma': [T + 1, F] γ ⊙ s, 'shift': [F]},
+    'lin4': {'w', 'b': [C]}}.
+  """
+  params, stats = variables["params"], variables["batch_stats"]
+  layout = (lambda kernel: kernel.T) if feature_major else (lambda kernel: kernel)
+  folded = {}
+  for lin, norm in _CONDITIONAL_LAYERS:
+    dense = params[lin]["lin"]["dense"]
+    s, c = _bn_scale_shift(params[norm], stats[norm], layers.BatchNorm.epsilon)
+    folded[lin] = {"w": layout(dense["kernel"]).astype(dtype), "b": dense["bias"].astype(dtype),
+                   "gamma": (params[lin]["embed"]["embedding"] * s[None, :]).astype(dtype),
+                   "shift": c.astype(dtype)}
+  dense = params["lin4"]["dense"]
+  folded["lin4"] = {"w": layout(dense["kernel"]).astype(dtype), "b": dense["bias"].astype(dtype)}
+  return folded
+
+
+def _linear(layer, h, feature_major):
+  """W·h + b: [F_out, F_in] × [F_in, B] -> [F_out, B], or [B, F_in] @ [F_in, F_out]."""
+  if feature_major:
+    return jax.lax.dot_general(layer["w"], h, (((1,), (0,)), ((), ()))) + layer["b"][:, None]
+  return h @ layer["w"] + layer["b"][None, :]
+
+
+def _per_feature(v, feature_major):
+  """A per-feature vector [F] (or per-example rows [B, F]) shaped to broadcast against h."""
+  if v.ndim == 2:
+    return v.T if feature_major else v
+  return v[:, None] if feature_major else v[None, :]
+
+
+def _conditional_folded(layer, h, t, feature_major):
+  """softplus(g_t ⊙ (W·h + b) + c); t [] or [B]."""
+  gamma = _per_feature(layer["gamma"][t], feature_major)
+  pre = _linear(layer, h, feature_major)
+  return nn.softplus(gamma * pre + _per_feature(layer["shift"], feature_major))
+
+
+def denoise_folded(folded, features, y_t, conditioning, t, feature_major: bool = True):
+  """`NoiseModel.denoise(..., train=False)` on `fold_for_sampling` weights.
+
+  Args:
+    folded: from `fold_for_sampling` with the same `feature_major`.
+    features: ρ(x), [F, B] (transposed once per sampling call) if feature_major, else [B, F].
+    y_t: [B, C] noisy label vector.
+    conditioning: [B, C·conditioning_width] ŷ.
+    t: [] or [B] integer timesteps.
+    feature_major: the layout of `folded` and `features`.
+
+  Returns:
+    [B, C] float32 ε̂.
+  """
+  dtype = folded["lin1"]["w"].dtype
+  u = jnp.concatenate([y_t, conditioning], axis=-1).astype(dtype)
+  if feature_major:
+    u = u.T  # [D, B]: tiny
+  h = _conditional_folded(folded["lin1"], u, t, feature_major) * features.astype(dtype)
+  h = _conditional_folded(folded["lin2"], h, t, feature_major)
+  h = _conditional_folded(folded["lin3"], h, t, feature_major)
+  out = _linear(folded["lin4"], h, feature_major)
+  return (out.T if feature_major else out).astype(jnp.float32)

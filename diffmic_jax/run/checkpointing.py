@@ -1,0 +1,123 @@
+"""Orbax checkpoints: the only module that imports orbax.
+
+Two managers under the workdir: `checkpoints/` keeps the latest K training checkpoints and
+`checkpoints_best/` the best-on-validation one. Each checkpoint holds the whole train state
+(both models, both optimiser states, the EMA, the step and the PRNG key) and a JSON item with
+the data-iterator position and bookkeeping. Orbax writes into a temporary directory and renames
+it when complete, so a checkpoint interrupted by a crash or `kill -9` is never restored.
+"""
+
+import os
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+
+from diffmic_jax.platform import sharding
+from diffmic_jax.platform import trees
+
+KINDS = ("latest", "best")
+
+
+class Checkpointer:
+  """Latest-K and best checkpoints of one workdir."""
+
+  def __init__(self, workdir: str, keep: int = 3):
+    root = os.path.abspath(workdir)
+    def manager(name, keep):
+      # Handlers are registered up front so that a fresh manager can read item metadata.
+      return ocp.CheckpointManager(
+          os.path.join(root, name),
+          options=ocp.CheckpointManagerOptions(
+              max_to_keep=keep, create=True,
+              # Both managers may save the same step (a validation step that is also a
+              # checkpoint step); with several processes their barriers need distinct names.
+              multiprocessing_options=ocp.options.MultiprocessingOptions(
+                  barrier_sync_key_prefix=name)),
+          item_handlers={"state": ocp.StandardCheckpointHandler(),
+                         "meta": ocp.JsonCheckpointHandler()})
+
+    self._managers = {"latest": manager("checkpoints", keep), "best": manager("checkpoints_best", 1)}
+
+  def save(self, kind: str, step: int, state, meta: dict) -> None:
+    """Saves state and JSON meta at `step` (asynchronously; see `wait`)."""
+    self._managers[kind].save(step, args=ocp.args.Composite(
+        state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)), force=True)
+
+  def latest_step(self, kind: str = "latest"):
+    return self._managers[kind].latest_step()
+
+  def all_steps(self, kind: str = "latest"):
+    return list(self._managers[kind].all_steps())
+
+  def restore(self, kind: str, step, abstract_state):
+    """Restores (state, meta) into the structure of `abstract_state`, strictly.
+
+    Args:
+      kind: 'latest' or 'best'.
+      step: a step number, or None for the manager's latest.
+      abstract_state: a pytree of arrays or jax.ShapeDtypeStruct giving the expected
+        structure, shapes and dtypes. Leaves come back replicated on every device.
+
+    Raises:
+      FileNotFoundError: no such checkpoint.
+      ValueError: the checkpoint's structure, shapes or dtypes differ from the expected ones.
+    """
+    manager = self._managers[kind]
+    step = manager.latest_step() if step is None else int(step)
+    if step is None:
+      raise FileNotFoundError(f"no {kind} checkpoint in {manager.directory}: train first, or "
+                              "pick another with --checkpoint best|latest|STEP")
+    if step not in manager.all_steps():
+      raise FileNotFoundError(f"no {kind} checkpoint at step {step} in {manager.directory}; "
+                              f"available: {sorted(manager.all_steps())}")
+    stored = manager.item_metadata(step)["state"]
+    check_structure(stored, abstract_state, f"{manager.directory}/{step}")
+    # Every leaf is restored replicated on all devices of this job (the train state always is),
+    # whatever devices and processes saved it: a checkpoint of a 2-process run restores on one
+    # CPU, and the other way round.
+    everywhere = sharding.replicated(sharding.make_mesh())
+    target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=everywhere),
+                          abstract_state)
+    restored = manager.restore(step, args=ocp.args.Composite(
+        state=ocp.args.StandardRestore(target), meta=ocp.args.JsonRestore()))
+    return restored["state"], restored["meta"]
+
+  def read_meta(self, kind: str, step: int) -> dict:
+    """The JSON meta item of one checkpoint (the state is not read)."""
+    restored = self._managers[kind].restore(int(step), args=ocp.args.Composite(
+        meta=ocp.args.JsonRestore()))
+    return restored["meta"]
+
+  def delete(self, kind: str, step: int) -> None:
+    """Removes one finished checkpoint (a stale one the resumed run will write again).
+
+    Every process of a multi-process run must call it: Orbax synchronises them, and process 0
+    removes the files.
+    """
+    self._managers[kind].delete(int(step))
+
+  def wait(self) -> None:
+    for manager in self._managers.values():
+      manager.wait_until_finished()
+
+  def close(self) -> None:
+    for manager in self._managers.values():
+      manager.close()
+
+
+def check_structure(stored, expected, where: str) -> None:
+  """Raises ValueError naming the first missing, unexpected or mis-shaped entry."""
+  stored_flat = trees.flatten(stored)
+  expected_flat = trees.flatten(jax.tree.map(ocp.utils.to_shape_dtype_struct, expected))
+  missing = sorted(set(expected_flat) - set(stored_flat))
+  extra = sorted(set(stored_flat) - set(expected_flat))
+  if missing or extra:
+    raise ValueError(f"checkpoint {where} does not match the model built from the config: "
+                     f"missing {missing[:5]}{'...' if len(missing) > 5 else ''}, "
+                     f"unexpected {extra[:5]}{'...' if len(extra) > 5 else ''}")
+  for name, want in expected_flat.items():
+    got = stored_flat[name]
+    if tuple(got.shape) != tuple(want.shape) or np.dtype(got.dtype) != np.dtype(want.dtype):
+      raise ValueError(f"checkpoint {where}: {name} has shape {tuple(got.shape)} {got.dtype}, "
+                       f"the config expects {tuple(want.shape)} {want.dtype}")
