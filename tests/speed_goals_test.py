@@ -1,4 +1,4 @@
-"""experiments/speed/speed_goals.py: issue 13's goals computed from benchmark JSONs, against hand
+"""experiments/speed/speed_goals.py: the speed targets computed from benchmark JSONs, against hand
 arithmetic on made-up timings."""
 
 import json

@@ -1,4 +1,4 @@
-"""Issue 13's speed goals, evaluated from `benchmark.py`'s JSON for the machine at hand.
+"""The speed targets, evaluated from `benchmark.py`'s JSON for the machine at hand.
 
   python experiments/speed/speed_goals.py RESULT.json [MORE.json ...]
 
@@ -27,7 +27,7 @@ import benchmark  # pylint: disable=wrong-import-position
 from diffmic_jax.diffusion import diffusion  # pylint: disable=wrong-import-position
 from diffmic_jax.platform import errors  # pylint: disable=wrong-import-position
 
-LONG_CHAIN = ("official_truncated", 100)  # the issue's inference: 100 truncated steps
+LONG_CHAIN = ("official_truncated", 100)  # the targets' inference: 100 truncated steps
 SHORT_CHAIN = ("respaced", 10)  # the same DCG and ρ(x) with 90 fewer denoiser calls
 BATCH = 32
 WARMUP_TARGET = 1.2  # the DCG warm-up step's speed-up on every CPU kind
@@ -78,7 +78,7 @@ def targets(cpu: dict) -> dict:
   avx512 = "avx512f" in cpu.get("vector_extensions", [])
   amd = cpu.get("vendor") == "AuthenticAMD"
   inference, joint = [], []
-  if avx512 or not amd:  # a CPU of neither kind the issue names is held to the AVX-512 goals
+  if avx512 or not amd:  # a CPU of neither kind named is held to the AVX-512 targets
     inference.append((15.0, "AVX-512"))
     joint.append((1.5, "AVX-512"))
   if amd:
