@@ -207,7 +207,7 @@ _TCMALLOC = ctypes.util.find_library("tcmalloc_minimal") or ctypes.util.find_lib
 @pytest.mark.skipif(sys.platform != "linux" or not _TCMALLOC,
                     reason="needs gperftools' TCMalloc (Debian: libtcmalloc-minimal4)")
 def test_release_free_memory_returns_tcmalloc_free_memory():
-  """Started with LD_PRELOAD=libtcmalloc_minimal.so.4 (README, "CPU speed and memory") malloc is
+  """Started with LD_PRELOAD=libtcmalloc_minimal.so.4 (docs/cpu_speed.md) malloc is
   TCMalloc's, which glibc's malloc_trim cannot see: release_free_memory must ask TCMalloc to give
   a freed block back, and malloc_in_use must say which allocator the benchmark ran with."""
   kept, after, released, tcmalloc = _run_probe(_RELEASE_PROBE, LD_PRELOAD=_TCMALLOC)

@@ -1,6 +1,6 @@
 """Cross-framework parity without torch: our ResNet trunks (torchvision conversion), DCG and
 denoiser (official-checkpoint conversion) against torch outputs stored in
-tests/fixtures/parity.npz by tests/fixtures/make_parity_fixtures.py (see README, Tests).
+tests/fixtures/parity.npz by tests/fixtures/make_parity_fixtures.py (see docs/development.md).
 
 tests/pretrained_test.py runs the same comparisons against live torch when it is installed.
 """
