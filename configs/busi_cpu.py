@@ -1,4 +1,4 @@
-"""BUSI at CPU size: the accuracy study's BUSI setting (experiments/README.md, "Accuracy study").
+"""BUSI at CPU size: the accuracy study's BUSI setting (experiments/accuracy/README.md).
 
 64×64 images, two-stage width-16 ResNet-18 trunks for the DCG and ρ(x), F=256, T=100,
 trained from scratch (5 DCG warm-up + 60 joint epochs, batch 32); the checkpoint is chosen on

@@ -1,4 +1,4 @@
-"""HAM10000 at CPU size: the accuracy study's HAM10000 setting (experiments/README.md, "Accuracy").
+"""HAM10000 at CPU size: the accuracy study's HAM10000 setting (experiments/accuracy/README.md).
 
 All 10,015 images of ../shared/data/ham10000_200x150 at 48×48 (6×6 saliency grid), the lesion-grouped 7:3 split (no
 lesion on both sides), two-stage width-16 ResNet-18 trunks for the DCG and ρ(x), F=256, T=100,

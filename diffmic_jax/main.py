@@ -113,7 +113,7 @@ def main(argv) -> None:
     logging.get_absl_handler().addFilter(_OwnInfoOnly())
   # Before the first JAX computation: keep XLA's large CPU buffers in the allocator instead of
   # unmapping and page-faulting them every call (7% faster paper-config inference here; see
-  # experiments/README.md). Only glibc's allocator settings change; harmless elsewhere.
+  # experiments/speed/README.md). Only glibc's allocator settings change; harmless elsewhere.
   host.tune_cpu_malloc()
   _enable_compilation_cache()
   # A failing process of a multi-process run exits at once, so that its peers are stopped.

@@ -226,7 +226,8 @@ def test_winograd_transforms_compute_each_row_once(tile):
   """The input transform V = Bᵀ d B and the backward's dM = A dY Aᵀ run their two 1-D passes
   on whole stacked arrays. Written per row, XLA compiled one fusion per entry of the transform
   ((m+2)² of them, 37 and 36 for F(4x4)), each recomputing its row from the input: at 56 px x
-  64 channels, batch 32, 11-18 ms against 8.5-10 ms for V (experiments/README.md, "AMD Zen 5")."""
+  64 channels, batch 32, 11-18 ms against 8.5-10 ms for V (the Zen 5 notes:
+  `git show 7e10829:experiments/README.md`)."""
   x = jax.ShapeDtypeStruct((2, 8, 8, 4), jnp.float32)
   pad = ((1, 1), (1, 1))
   assert _entry_fusions(lambda a: fast_conv._winograd_input_transform(a, pad, tile), x) <= 3

@@ -115,7 +115,7 @@ class NoiseModel(nn.Module):
 #   [F_out, F_in] (PyTorch's layout). XLA's CPU dot is fastest with the contracted dimension
 #   minor on both sides and the wide dimension as rows: at B=32, F=6144 a [F, F] × [F, B]
 #   product runs at the machine's matmul peak, 1.35× faster than `u @ W` with W [in, out]
-#   (experiments/README.md, "Speed on an AVX-512 CPU"). The transpose must happen outside the
+#   (experiments/speed/README.md, "Speed on an AVX-512 CPU"). The transpose must happen outside the
 #   `lax.scan`: written inside, XLA folds it into the dot and re-reads the kernel transposed at
 #   every step (4.8× slower). A single image is a matrix-vector product, which XLA runs
 #   fastest as u [1, F] @ W [F, F] (8.8 against 12.8 ms per step on 2 cores), so batch 1 keeps

@@ -39,7 +39,7 @@ XLA's convolution everywhere else (on CPU with its d_kernel reading a matmul cop
 of the input for 16-128 input channels, so that XLA cannot recompute the input's
 producer inside its relayout: `_cpu_copies_kernel_grad_input`) and on every other
 backend, where cuDNN's kernels are already fast. The numbers
-are in experiments/README.md ("Speed on an AVX-512 CPU", "CPU convolutions").
+are in experiments/speed/README.md ("Speed on an AVX-512 CPU", "CPU convolutions").
 
 XLA's own CPU convolution comes in two kinds: by default (jax 0.10) XLA hands it to
 YNNPACK, which was 1.2-4x slower than its other convolution (Eigen's) on the Zen 5 dev VM.
@@ -84,7 +84,7 @@ def compiler_options() -> dict | None:
   Dots and reductions run well there, but its convolutions did not: Zen 5 dev VM, 2 cores,
   batch 32, forward + d_input + d_kernel, ms (YNNPACK / Eigen): 3x3 at 56 px x 64 ch 153 / 57,
   at 7 px x 512 ch 63 / 43, 3x3/2 at 56 -> 28 px 96 / 84; d_kernel of the 7x7/2 stem at
-  224 px 164 / 45; ResNet-50's distinct layers summed 2,843 / 1,229 (experiments/README.md,
+  224 px 164 / 45; ResNet-50's distinct layers summed 2,843 / 1,229 (experiments/speed/README.md,
   "AMD Zen 5"). Only the list of library fusions changes: dots and reductions stay on YNNPACK.
   JAX accepts compiler options on a top-level `jax.jit` only (a nested one raises).
 
@@ -235,7 +235,7 @@ def _kernel_grad(x, dy, kernel_shape, strides, padding):
   # at 512 channels; in the scan 54, 110 and 18 MB, at the same or better speed (Zen 5 dev
   # VM, d_kernel alone, batch 32: 88 -> 83, 72 -> 56, 23 -> 21 ms), and bit for bit the same.
   # The paper joint step with Intel's rules: temporaries 4.13 -> 3.70 GB, peak 8.8 -> 8.3 GB,
-  # the same speed within the VM's drift (experiments/README.md, "AMD Zen 5").
+  # the same speed within the VM's drift (experiments/speed/README.md, "AMD Zen 5").
   _, rows = lax.scan(kernel_row, None, jnp.arange(kh))
   return rows.reshape(kh, kw, ci, co)
 
@@ -547,7 +547,7 @@ def _cpu_im2col_wins(kernel_shape, strides, output_pixels=None):
   larger kernels keep XLA's convolution there. On the Zen 5 (AVX-512) dev CPU the im2col
   d_kernel won on the stem and the 7-14 px k x k layers alone (1.05-1.44x) but lost at
   56 -> 28 px, and neither Intel's rule nor one fitted to those layers changed a whole warm-up
-  or joint step beyond its 2-5 % call-to-call spread (experiments/README.md, "AMD Zen 5").
+  or joint step beyond its 2-5 % call-to-call spread (experiments/speed/README.md, "AMD Zen 5").
   Re-tried after the im2col d_kernel's copied input and row loop: Intel's rule at most 2-3 %
   faster there, not resolved from the VM's drift for the joint step, so AMD keeps XLA's.
 
@@ -580,7 +580,7 @@ def _cpu_patches_win(kernel_shape, output_pixels):
   pixels: the DCG's local ResNet-50 runs on 32 px crops, so its layer 3 and 4 3x3 convolutions
   have 2x2 and 1x1 outputs, and there XLA took 117-266 ms for the forward pass of a batch of
   192 crops (about 1-4 GFLOP/s), the patch matmul 5-10 ms; forward + backward 100-500 ms
-  against 15-30 ms (experiments/README.md, "CPU convolutions"). From 4x4 outputs on XLA is as
+  against 15-30 ms (experiments/speed/README.md, "CPU convolutions"). From 4x4 outputs on XLA is as
   fast or faster, and 1x1 kernels are plain matmuls already.
 
   Args:
@@ -611,7 +611,7 @@ def _cpu_winograd_wins(kernel_shape, strides, output_pixels):
   (XLA / 'im2col' / Winograd): 56 px x 64 ch 390 / 304 / 185, 28 px x 128 ch 225 / 163 / 122,
   14 px x 256 ch 169 / 155 / 109, but 7 px x 512 ch 142 / 172 / 217: at 7 px the tiles cover
   8 x 8 pixels (a third more work) and N = B·16 tiles is too small for the matmuls to gain
-  what the transforms cost (experiments/README.md, "Winograd").
+  what the transforms cost (experiments/speed/README.md, "Winograd").
 
   Args:
     kernel_shape: (kh, kw, Ci, Co).

@@ -67,7 +67,7 @@ def batch_moments(x, axes):
   data. The two-pass form (mean, then E[(x − mean)²]) reads x once more, forward and backward:
   BatchNorm + ReLU forward and backward took 21-31 % longer with it, and the paper DCG warm-up
   step 0.15-0.3 s of about 4.2 s in one whole-step A/B (none resolved in a noisier one;
-  experiments/README.md, "AMD Zen 5").
+  experiments/speed/README.md, "AMD Zen 5").
   """
   if axes[0] != 0:
     raise ValueError(f"axes must start with the batch axis 0, got {axes}")

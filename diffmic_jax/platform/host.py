@@ -47,14 +47,14 @@ def tune_cpu_malloc():
   1 GiB and more keep their own mmap, returned on free, but glibc maps them
   with transparent huge pages, so a 3.3 GB block costs about 1,600 faults
   instead of 830,000 (paper joint step: 9.0 GB peak, 12.7 s instead of 12.0 s
-  per step; experiments/README.md, "Speed on an AVX-512 CPU").
+  per step; experiments/speed/README.md, "Speed on an AVX-512 CPU").
 
   Under gperftools' TCMalloc (LD_PRELOAD=libtcmalloc_minimal.so.4, see `malloc_in_use`) these
   glibc settings do nothing and TCMalloc's own page heap reuses freed blocks; on the Zen 5 dev
   VM that was faster still (training as main.py runs it, five rounds: warm-up 3.75-4.02 ->
   3.36-3.67 s, joint 6.49-7.04 -> 5.89-6.25 s per step; joint peak 10.0-10.1 -> 9.9 GB) but
   with more slow calls that grow the heap (4 of 17 rows, glibc 0 of 10 that day;
-  experiments/README.md, "AMD Zen 5"). What glibc loses there, `perf` showed: 9 % of the joint
+  experiments/speed/README.md, "AMD Zen 5"). What glibc loses there, `perf` showed: 9 % of the joint
   step's samples in `_int_malloc`, serving YNNPACK's per-call scratch buffers (100 KB-1.5 MB,
   about 20,000 per step) by walking large bins of a heap with some 220,000 free chunks; glibc
   2.36's per-thread cache stops at 1,032 bytes, so no setting here removes it.
@@ -102,7 +102,7 @@ def tcmalloc_hint():
   A package cannot swap its own process's allocator (LD_PRELOAD is read when the process
   starts), so `main.py` says so instead: training with TCMalloc was 10-15 % faster on the Zen 5
   dev VM, because glibc's malloc spent 9 % of the joint step's CPU time serving YNNPACK's
-  scratch buffers (`tune_cpu_malloc`; experiments/README.md, "AMD Zen 5").
+  scratch buffers (`tune_cpu_malloc`; experiments/speed/README.md, "AMD Zen 5").
   """
   if malloc_in_use() != "glibc":
     return None
@@ -110,7 +110,7 @@ def tcmalloc_hint():
   if not library:
     return None
   return (f"{library} is installed but not in use: with LD_PRELOAD={library} training ran "
-          "10-15 % faster on an AMD Zen 5 CPU (README.md, 'CPU speed and memory')")
+          "10-15 % faster on an AMD Zen 5 CPU (docs/cpu_speed.md)")
 
 
 def _tcmalloc():
@@ -130,7 +130,7 @@ def release_free_memory() -> bool:
   the paper joint step, and the first call's block of temporaries (5.0 GB) cannot reuse it
   because it is scattered. Calling this between compiling a step and running it keeps that
   gigabyte out of the peak (paper joint step alone on 2 Zen 5 cores: 10.57 -> 9.62 GB, same
-  speed; experiments/README.md). Not for every step: the pages of a freed block of
+  speed; experiments/speed/README.md). Not for every step: the pages of a freed block of
   temporaries would be faulted in again by the next call, the cost `tune_cpu_malloc` removes.
 
   Under TCMalloc (`malloc_in_use`) it asks TCMalloc to release its free pages instead.

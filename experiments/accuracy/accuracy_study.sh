@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The accuracy study of experiments/README.md ("Accuracy study"), every table from here.
+# The accuracy study of experiments/accuracy/README.md ("Accuracy study"), every table from here.
 # Usage: experiments/accuracy/accuracy_study.sh protocol|guides|diffusion|levers|long
 # (each part resumes where it stopped; protocol = guides + diffusion: basic, dcg, c1, c2, full
 # × 3 seeds × 3 datasets, in the order that gives BUSI and HAM10000's main comparison first)
