@@ -48,6 +48,11 @@ def get_config() -> ml_collections.ConfigDict:
   guidance.width = 64  # base width of the ResNet trunks (64 = torchvision).
   guidance.stage_sizes = ()  # () = the backbone's standard depth; tiny tests use e.g. (1, 1).
   guidance.pretrained = ""  # .npz of converted torchvision weights for both trunks ('' = random).
+  # A trained run of ours whose trunks initialise the guidance model (both DCG trunks, or the
+  # classifier's): a workdir (its best checkpoint, else its latest), W/checkpoints_best,
+  # W/checkpoints or one step's folder. The source may be a 'basic' run's classifier or a DCG;
+  # heads that do not fit (another number of classes) keep their initialisation. '' = off.
+  guidance.init_from = ""
   guidance.num_rois = 6  # K crops chosen greedily from the saliency map.
   guidance.crop_size = 32  # crop side in pixels (32 on 224 = one cell of the 7x7 CAM grid).
   guidance.crop_channels = "first"  # first (official: channel 0 repeated) | all.
@@ -71,6 +76,9 @@ def get_config() -> ml_collections.ConfigDict:
   model.encoder_width = 64
   model.encoder_stage_sizes = ()
   model.encoder_pretrained = ""  # optional .npz of converted torchvision weights for rho(x).
+  # A trained run of ours (as guidance.init_from) whose ρ(x), else whose guidance image trunk,
+  # initialises ρ(x)'s trunk; '' = off (the official ρ(x) is random).
+  model.encoder_init_from = ""
   model.feature_dim = 6144  # F: width of rho(x) and of the conditional MLP.
   model.conditioning = "prior"  # prior: [y_t, y_hat] (2C, official) | dual: [y_t, y_g, y_l].
   # Probability that a training example's conditioning y_hat is replaced by 1/C (the prior mean

@@ -35,9 +35,15 @@ def get_config():
   config.data.group_split = True  # lesion-grouped: no lesion on both sides of the split.
   config.data.test_fraction = 0.1
   config.data.val_fraction = 0.05
-  # The trunk of the study's DCG: a full-width, full-depth ResNet-18 (torchvision's layout).
+  # The trunk of the study's DCG: a full-depth ResNet-18 (torchvision's layout) at half width
+  # (32), which the 2-core budget of the study allows (experiments/README.md).
+  # 'basic' builds its classifier like ρ(x)'s trunk (model.encoder*), the DCG its trunks from
+  # guidance.*: both name the same architecture here.
+  config.model.encoder = "resnet18"
+  config.model.encoder_width = 32
+  config.model.encoder_stage_sizes = ()
   config.guidance.backbone = "resnet18"
-  config.guidance.width = 64
+  config.guidance.width = 32
   config.guidance.stage_sizes = ()
   config.guidance.lr = 1e-3
   config.training.num_epochs = 8

@@ -402,6 +402,25 @@ def load_trunk(path: str) -> tuple[dict, TrunkSignature]:
 # Putting trunks into model variables.
 
 
+def first_mismatch(source: Mapping[str, Any], target: Mapping[str, Any]) -> Optional[str]:
+  """The first parameter (sorted by name) where two flat trees differ, with both shapes.
+
+  Args:
+    source, target: flat {'params/<path>/<leaf>': array-like} trees.
+
+  Returns:
+    None when both have the same keys and shapes, else e.g.
+    "params/conv1/kernel: source (7, 7, 3, 64), target (7, 7, 3, 16)", with 'absent' for
+    a key that only one side has.
+  """
+  for key in sorted(set(source) | set(target)):
+    shapes = [tuple(np.shape(side[key])) if key in side else None for side in (source, target)]
+    if shapes[0] != shapes[1]:
+      source_shape, target_shape = (s if s is not None else "absent" for s in shapes)
+      return f"{key}: source {source_shape}, target {target_shape}"
+  return None
+
+
 def assign_trunk(variables: Mapping, trunk: str, flat: Mapping[str, np.ndarray],
                  signature: TrunkSignature, source: str, where: str) -> dict:
   """Replaces the trunk `trunk` of one model's {'params', 'batch_stats'} with `flat`, strictly.
@@ -421,21 +440,15 @@ def assign_trunk(variables: Mapping, trunk: str, flat: Mapping[str, np.ndarray],
   current = flatten({c: variables[c].get(trunk, {}) for c in COLLECTIONS if c in variables})
   if not current:
     raise WeightMismatchError(f"{where} has no trunk named {trunk!r} to load {source} into")
+  mismatch = first_mismatch(flat, current)
   target_signature = trunk_signature(current)
   if target_signature != signature:
     raise WeightMismatchError(
         f"{source} holds a {signature.describe()} trunk but {where}/{trunk} is a "
-        f"{target_signature.describe()} (check the config's backbone, width and stage sizes)")
-  missing = [k for k in current if k not in flat]
-  extra = [k for k in flat if k not in current]
-  if missing or extra:
-    first = f"missing {missing[0]!r}" if missing else f"unexpected {extra[0]!r}"
-    raise WeightMismatchError(f"{source} does not match {where}/{trunk}: {first} "
-                              f"({len(missing)} missing, {len(extra)} unexpected)")
-  for key, old in current.items():
-    if tuple(np.shape(flat[key])) != tuple(old.shape):
-      raise WeightMismatchError(f"{source}: {key} has shape {tuple(np.shape(flat[key]))} but "
-                                f"{where}/{trunk} expects {tuple(old.shape)}")
+        f"{target_signature.describe()}; first mismatch: {mismatch} (check the config's "
+        "backbone, width and stage sizes)")
+  if mismatch:
+    raise WeightMismatchError(f"{source} does not match {where}/{trunk}: {mismatch}")
   for key, value in flat.items():
     collection, *path = key.split(SEP)
     node = variables[collection][trunk]
@@ -490,3 +503,108 @@ def load_configured(variables: Mapping, config) -> dict:
     variables["denoiser"] = assign_trunk(variables["denoiser"], "encoder_net", flat, signature,
                                          encoder_file, "denoiser")
   return variables
+
+
+# ---------------------------------------------------------------------------------------------
+# Trunks from a trained run of ours (config.guidance.init_from, config.model.encoder_init_from).
+
+# Where each guidance trunk takes its weights in a run of ours, in order of preference: a DCG
+# trunk from the same DCG trunk, else from a classifier's trunk ('basic', 'c1'), and a
+# classifier's trunk from a classifier's, else from a DCG's global trunk.
+RUN_TRUNK_SOURCES = {"global_net": ("global_net", "net"), "local_net": ("local_net", "net"),
+                     "net": ("net", "global_net")}
+# Where ρ(x)'s trunk takes its weights: a run's own ρ(x), else its guidance model's image trunk.
+ENCODER_TRUNK_SOURCES = (("denoiser", "encoder_net"), ("guidance", "net"),
+                         ("guidance", "global_net"))
+
+
+def module_tree(model_variables: Mapping, module: str) -> dict:
+  """The flat {'params/...', 'batch_stats/...'} arrays of one top-level module of a model."""
+  model_variables = _to_dict(model_variables)
+  return flatten({c: model_variables[c][module] for c in COLLECTIONS
+                  if module in model_variables.get(c, {})})
+
+
+def _first_present(source: Mapping, candidates) -> Optional[tuple[str, str]]:
+  for model, module in candidates:
+    if module in source.get(model, {}).get("params", {}):
+      return model, module
+  return None
+
+
+def guidance_from_run(variables: Mapping, source: Mapping, source_name: str
+                      ) -> tuple[dict, list[str]]:
+  """Initialises the guidance model from the guidance model of a trained run, trunks strictly.
+
+  Every trunk of the target (`global_net` and `local_net` of a DCG, `net` of a classifier) is
+  loaded from `RUN_TRUNK_SOURCES`' first trunk the source has (parameters and BatchNorm
+  statistics); an architecture mismatch raises. The other modules (the heads: fc layers, the
+  gated-attention MIL) are loaded leaf by leaf where the source has the same leaf with the
+  same shape, and left at their initialisation otherwise (e.g. another number of classes).
+
+  Args:
+    variables: {'guidance': {'params', 'batch_stats'}, ...} freshly initialised.
+    source: the source run's train state as nested dicts ({'guidance': ..., 'denoiser': ...}).
+    source_name: the source checkpoint, for messages.
+
+  Returns:
+    (updated variables, log lines saying what was loaded from where and what was not).
+
+  Raises:
+    WeightMismatchError: the source has no guidance trunk, or a trunk's architecture differs.
+  """
+  variables = _to_dict(variables)
+  guidance = variables["guidance"]
+  notes = []
+  trunks = [name for name in RUN_TRUNK_SOURCES if name in guidance["params"]]
+  for name in trunks:
+    found = _first_present(source, [("guidance", n) for n in RUN_TRUNK_SOURCES[name]])
+    if found is None:
+      raise WeightMismatchError(
+          f"{source_name}: the source's guidance model has none of the trunks "
+          f"{list(RUN_TRUNK_SOURCES[name])} to initialise guidance/{name} from")
+    flat = module_tree(source[found[0]], found[1])
+    guidance = assign_trunk(guidance, name, flat, trunk_signature(flat),
+                            f"{source_name} ({found[0]}/{found[1]})", "guidance")
+    notes.append(f"guidance/{name} <- {found[0]}/{found[1]} of {source_name}")
+  heads = {k: v for k, v in flatten(guidance).items() if k.split(SEP)[1] not in trunks}
+  source_guidance = flatten(_to_dict(source["guidance"]))
+  loaded, skipped = {}, []
+  for key, value in heads.items():
+    if key in source_guidance and tuple(np.shape(source_guidance[key])) == tuple(value.shape):
+      loaded[key] = jnp.asarray(source_guidance[key], value.dtype)
+    else:
+      skipped.append(key)
+  if loaded:
+    notes.append(f"guidance heads <- {source_name}: {len(loaded)} of {len(heads)} tensors")
+  if skipped:
+    first = skipped[0]
+    reason = first_mismatch({first: source_guidance[first]} if first in source_guidance else {},
+                            {first: heads[first]})
+    notes.append(f"guidance heads not loaded ({len(skipped)} tensors, left at their "
+                 f"initialisation): the first, {reason}")
+  variables["guidance"] = unflatten({**flatten(guidance), **loaded})
+  return variables, notes
+
+
+def encoder_from_run(variables: Mapping, source: Mapping, source_name: str
+                     ) -> tuple[dict, list[str]]:
+  """Initialises ρ(x)'s trunk (`denoiser/encoder_net`) from a trained run, strictly.
+
+  The source trunk is the run's own ρ(x) when it has a denoiser, else its guidance model's
+  image trunk (a classifier's `net` or a DCG's `global_net`): `ENCODER_TRUNK_SOURCES`.
+
+  Args, Returns, Raises: as `guidance_from_run`, for the denoiser.
+  """
+  variables = _to_dict(variables)
+  if "denoiser" not in variables:
+    raise WeightMismatchError(f"{source_name}: this ablation has no ρ(x) to initialise")
+  found = _first_present(source, ENCODER_TRUNK_SOURCES)
+  if found is None:
+    raise WeightMismatchError(f"{source_name}: the source has none of the trunks "
+                              f"{[f'{m}/{n}' for m, n in ENCODER_TRUNK_SOURCES]}")
+  flat = module_tree(source[found[0]], found[1])
+  variables["denoiser"] = assign_trunk(variables["denoiser"], "encoder_net", flat,
+                                       trunk_signature(flat),
+                                       f"{source_name} ({found[0]}/{found[1]})", "denoiser")
+  return variables, [f"denoiser/encoder_net <- {found[0]}/{found[1]} of {source_name}"]

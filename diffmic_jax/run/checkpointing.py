@@ -13,10 +13,13 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
+from diffmic_jax.platform import errors
 from diffmic_jax.platform import sharding
 from diffmic_jax.platform import trees
 
 KINDS = ("latest", "best")
+# The managers' folders under a workdir, in the order a source run's checkpoint is taken from.
+FOLDERS = {"best": "checkpoints_best", "latest": "checkpoints"}
 
 
 class Checkpointer:
@@ -104,6 +107,58 @@ class Checkpointer:
   def close(self) -> None:
     for manager in self._managers.values():
       manager.close()
+
+
+def _steps(folder: str) -> list[int]:
+  """The finished checkpoints of one manager folder (Orbax names them by the step)."""
+  if not os.path.isdir(folder):
+    return []
+  return sorted(int(n) for n in os.listdir(folder)
+                if n.isdigit() and os.path.isdir(os.path.join(folder, n, "state")))
+
+
+def find_checkpoint(path: str) -> str:
+  """The step folder of a finished checkpoint named by a workdir, a manager folder or a step.
+
+  Args:
+    path: a run's workdir (its best checkpoint, else its latest), a manager folder
+      (`W/checkpoints_best`, `W/checkpoints`: its newest step) or one step's folder
+      (`W/checkpoints/1200`).
+
+  Raises:
+    errors.UserError: no finished checkpoint there.
+  """
+  path = os.path.abspath(path)
+  if os.path.isdir(os.path.join(path, "state")):
+    return path
+  for folder in [path] + [os.path.join(path, name) for name in FOLDERS.values()]:
+    steps = _steps(folder)
+    if steps:
+      return os.path.join(folder, str(steps[-1]))
+  raise errors.UserError(
+      f"{path}: no finished checkpoint; expected a workdir of ours (with checkpoints_best/ or "
+      "checkpoints/), one of those folders, or one step's folder holding state/")
+
+
+def read_state(path: str) -> tuple[dict, str]:
+  """Reads a finished checkpoint's train state as nested dicts, without a model to match.
+
+  Every leaf comes back replicated on this job's devices, whatever saved it (`restore`).
+
+  Args:
+    path: as `find_checkpoint`.
+
+  Returns:
+    ({'guidance': {'params', 'batch_stats'}, 'denoiser': ..., 'step': ..., ...}, step folder).
+  """
+  folder = find_checkpoint(path)
+  checkpointer = ocp.StandardCheckpointer()
+  item = os.path.join(folder, "state")
+  stored = checkpointer.metadata(item).item_metadata.tree
+  everywhere = sharding.replicated(sharding.make_mesh())
+  target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=everywhere),
+                        stored)
+  return checkpointer.restore(item, target), folder
 
 
 def check_structure(stored, expected, where: str) -> None:

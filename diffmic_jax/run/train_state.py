@@ -9,12 +9,14 @@ record saved beside each checkpoint.
 
 from typing import Any
 
+from absl import logging
 import flax
 import jax
 import jax.numpy as jnp
 
 from diffmic_jax.diffusion import models as models_lib
 from diffmic_jax.nn import pretrained
+from diffmic_jax.run import checkpointing
 from diffmic_jax.run import optim
 
 
@@ -70,7 +72,27 @@ def create_train_state(models, config, guidance_tx, denoiser_tx, key,
       models, key_init, config.data.image_size)
   if load_pretrained:
     variables = pretrained.load_configured(variables, config)
+    variables = init_from_runs(variables, config.guidance.init_from,
+                               config.model.encoder_init_from)
   return from_variables(variables, guidance_tx, denoiser_tx, key_train)
+
+
+def init_from_runs(variables, guidance_source: str, encoder_source: str) -> dict:
+  """Initialises trunks from trained runs of ours (config.guidance.init_from and
+  config.model.encoder_init_from; '' = off): see `pretrained.guidance_from_run` and
+  `pretrained.encoder_from_run`. Logs what was loaded from where and what was not.
+
+  Raises:
+    errors.UserError: no checkpoint at a path; pretrained.WeightMismatchError: a trunk differs.
+  """
+  for source, load in ((guidance_source, pretrained.guidance_from_run),
+                       (encoder_source, pretrained.encoder_from_run)):
+    if source:
+      state, folder = checkpointing.read_state(source)
+      variables, notes = load(variables, state, folder)
+      for note in notes:
+        logging.info("init_from: %s", note)
+  return variables
 
 
 def abstract_train_state(models, config) -> TrainState:
