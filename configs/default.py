@@ -76,6 +76,10 @@ def get_config() -> ml_collections.ConfigDict:
   model.encoder_width = 64
   model.encoder_stage_sizes = ()
   model.encoder_pretrained = ""  # optional .npz of converted torchvision weights for rho(x).
+  # Trunk of the 'basic' and 'c1' classifier: encoder (built like rho(x)'s trunk: the paper's
+  # ResNet-18 baseline) | guidance (built like the DCG's trunks, e.g. to start from the same
+  # pretrained trunk through guidance.init_from or guidance.pretrained).
+  model.classifier_trunk = "encoder"
   # A trained run of ours (as guidance.init_from) whose ρ(x), else whose guidance image trunk,
   # initialises ρ(x)'s trunk; '' = off (the official ρ(x) is random).
   model.encoder_init_from = ""

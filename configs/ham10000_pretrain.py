@@ -2,7 +2,7 @@
 
 The paper's DCG starts from two ImageNet-pretrained ResNet-50 trunks, its ρ(x) from a random
 ResNet-18 (REFERENCE.md §1-3). No ImageNet weights can be had here, so the study of
-experiments/README.md ("Paper regime in miniature") pretrains one full-width ResNet-18 trunk
+experiments/accuracy/README.md ("Paper regime in miniature") pretrains one full-depth, half-width (32) ResNet-18 trunk
 (the DCG trunk architecture of configs/busi_pretrained.py) as a plain supervised classifier
 (`basic`) on HAM10000, the largest image set at hand, and transfers it to the other domains
 (BUSI ultrasound, RetinaMNIST fundus) with `--config.guidance.init_from=runs/ham10000_pretrain`.
@@ -13,7 +13,7 @@ the rest selects the checkpoint.
   python -m diffmic_jax.main --config configs/ham10000_pretrain.py \
       --workdir runs/ham10000_pretrain --config.seed=0
 
-Time and result: see experiments/README.md ("Paper regime in miniature"), measured on the
+Time and result: see experiments/accuracy/README.md ("Paper regime in miniature"), measured on the
 2-core AMD EPYC (Zen 4, AVX-512).
 """
 
@@ -36,7 +36,7 @@ def get_config():
   config.data.test_fraction = 0.1
   config.data.val_fraction = 0.05
   # The trunk of the study's DCG: a full-depth ResNet-18 (torchvision's layout) at half width
-  # (32), which the 2-core budget of the study allows (experiments/README.md).
+  # (32), which the 2-core budget of the study allows (experiments/accuracy/README.md).
   # 'basic' builds its classifier like ρ(x)'s trunk (model.encoder*), the DCG its trunks from
   # guidance.*: both name the same architecture here.
   config.model.encoder = "resnet18"

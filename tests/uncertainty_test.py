@@ -53,6 +53,34 @@ def test_defer_curve_of_a_score_that_ranks_every_error_first_rises_to_one():
   assert worst["accuracy"][-1] == pytest.approx(2 / 5)
 
 
+def test_risk_coverage_and_aurc_by_hand():
+  # Sorted by uncertainty: right, wrong, right, wrong. Kept k = 1..4 holds 0, 1, 1, 2 errors.
+  score = np.array([0.3, 0.1, 0.4, 0.2])
+  correct = np.array([True, True, False, False])
+  curve = metrics.risk_coverage(score, correct)
+  np.testing.assert_allclose(curve["coverage"], [0.25, 0.5, 0.75, 1.0])
+  np.testing.assert_allclose(curve["risk"], [0.0, 1 / 2, 1 / 3, 2 / 4])
+  assert metrics.aurc(score, correct) == pytest.approx((0 + 1 / 2 + 1 / 3 + 1 / 2) / 4)
+  # Errors ranked last: the floor; first: the ceiling (risks 1, 1, 2/3, 1/2).
+  assert metrics.aurc([0, 0.1, 0.2, 0.3], [1, 1, 0, 0]) == pytest.approx((0 + 0 + 1 / 3 + 1 / 2) / 4)
+  assert metrics.aurc([0.3, 0.2, 0.1, 0], [1, 1, 0, 0]) == pytest.approx((1 + 1 + 2 / 3 + 1 / 2) / 4)
+
+
+def test_aurc_takes_tied_scores_in_random_order_in_expectation():
+  # One tie group of 4 with 2 errors, then one error alone. Expected errors among the first k
+  # of the group: k/2, so risks 1/2, 1/2, 1/2, 1/2; then 3/5. Any input order gives the same.
+  correct = np.array([True, False, True, False, False])
+  score = np.array([0.2, 0.2, 0.2, 0.2, 0.9])
+  want = (4 * 0.5 + 3 / 5) / 5
+  assert metrics.aurc(score, correct) == pytest.approx(want)
+  for perm in ([1, 3, 0, 2, 4], [4, 3, 2, 1, 0]):
+    assert metrics.aurc(score[perm], correct[perm]) == pytest.approx(want)
+  # A non-finite score is the most uncertain: the diverged case is referred first.
+  assert metrics.aurc([np.nan, 0.1], [False, True]) == pytest.approx((0 + 1 / 2) / 2)
+  assert metrics.defer_curve(score, np.where(correct, 0, 1), np.zeros(5, int), 2)["aurc"] == (
+      pytest.approx(want))
+
+
 def test_ece_of_a_perfectly_calibrated_toy_is_zero():
   # 10 cases at confidence 0.7 of which 7 are right; 10 at 0.9 of which 9 are right.
   probs = np.array([[0.7, 0.3]] * 10 + [[0.1, 0.9]] * 10)

@@ -116,17 +116,22 @@ def create_models(config: ml_collections.ConfigDict) -> Models:
     raise ValueError(f"config.data.num_classes must be >= 2, got {num_classes}")
   g, m = config.guidance, config.model
   common = dict(conv_impl=m.conv_impl, bn_running_var=m.bn_running_var)
+  def guidance_trunk():
+    return backbone_kwargs(_choice(g.backbone, ("resnet18", "resnet50"), "guidance.backbone"),
+                           g.width, g.stage_sizes, **common)
+
   if ablation["guidance"] == "dcg":
-    trunk = backbone_kwargs(_choice(g.backbone, ("resnet18", "resnet50"), "guidance.backbone"),
-                            g.width, g.stage_sizes, **common)
+    trunk = guidance_trunk()
     guidance = dcg.DCG(num_classes, trunk, trunk, num_rois=g.num_rois, crop_size=g.crop_size,
                        crop_channels=_choice(g.crop_channels, ("first", "all"), "guidance.crop_channels"),
                        top_t_percent=g.top_t_percent, attention_dim=g.attention_dim,
                        fusion_weight=g.fusion_weight, dtype=dtype)
-  else:
+  elif _choice(m.classifier_trunk, ("encoder", "guidance"), "model.classifier_trunk") == "encoder":
     # The paper's ablation baseline is a ResNet-18 classifier, built like rho(x)'s trunk.
     guidance = Classifier(num_classes, backbone_kwargs(m.encoder, m.encoder_width,
                                                        m.encoder_stage_sizes, **common), dtype)
+  else:  # built like the DCG's trunks, so that it can start from the same pretrained trunk.
+    guidance = Classifier(num_classes, guidance_trunk(), dtype)
   mmd_weight = float(config.diffusion.mmd_weight) if ablation["mmd"] else 0.0
   noise_model = None
   if ablation["diffusion"]:

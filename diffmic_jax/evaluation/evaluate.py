@@ -199,32 +199,36 @@ def write_predictions(predictions: dict, ids, class_names, workdir: str, split: 
                       + [f"{p:.6f}" for p in probs[i]])
 
 
-def uncertainty_report(predictions: dict, num_classes: int, dcg: bool = True) -> dict:
-  """Defer-to-expert curves and reliability data of the diffusion head and the guidance heads.
+def uncertainty_report(predictions: dict, num_classes: int, dcg: bool = True,
+                       diffusion_head: bool = True) -> dict:
+  """Defer-to-expert curves (with their AURC) and reliability data of every head.
 
   Returns:
     {'defer': {name: `metrics.defer_curve`}, 'calibration': {head: `metrics.reliability_curve`}}.
     Defer curves score the diffusion head's predictions by its predictive entropy, by
-    1 − sample agreement and by 1 − the DCG's fused max softmax, and the DCG's own predictions
-    by 1 − their max softmax. Calibration covers the diffusion head's vote probabilities and
-    mean softmax, and the guidance heads' softmax.
+    1 − sample agreement and by 1 − the DCG's fused max softmax, and the guidance model's own
+    predictions by 1 − their max softmax. Calibration covers the diffusion head's vote
+    probabilities and mean softmax, and the guidance heads' softmax. Without a diffusion head
+    (ablations 'basic' and 'dcg') only the guidance model's entries are reported.
   """
   labels = predictions["labels"]
-  preds = predictions["probs"].argmax(axis=1)
   heads = ("fused", "global", "local") if dcg else ("fused",)
   prefix = "dcg_" if dcg else "classifier_"
   softmax = {h: _softmax(predictions[h].astype(np.float64)) for h in heads}
   fused_confidence = softmax["fused"].max(axis=1)
-  scores = {"diffusion: entropy": predictions["entropy"],
-            "diffusion: 1 - agreement": 1.0 - predictions["agreement"],
-            f"diffusion: 1 - {prefix}fused max prob": 1.0 - fused_confidence}
-  defer = {name: metrics.defer_curve(score, preds, labels, num_classes)
-           for name, score in scores.items()}
+  defer, calibration = {}, {}
+  if diffusion_head:
+    preds = predictions["probs"].argmax(axis=1)
+    scores = {"diffusion: entropy": predictions["entropy"],
+              "diffusion: 1 - agreement": 1.0 - predictions["agreement"],
+              f"diffusion: 1 - {prefix}fused max prob": 1.0 - fused_confidence}
+    defer = {name: metrics.defer_curve(score, preds, labels, num_classes)
+             for name, score in scores.items()}
+    calibration = {
+        "diffusion (vote)": metrics.reliability_curve(predictions["vote_probs"], labels),
+        "diffusion (mean softmax)": metrics.reliability_curve(predictions["probs"], labels)}
   defer[f"{prefix}fused: 1 - max prob"] = metrics.defer_curve(
       1.0 - fused_confidence, softmax["fused"].argmax(axis=1), labels, num_classes)
-  calibration = {"diffusion (vote)": metrics.reliability_curve(predictions["vote_probs"], labels),
-                 "diffusion (mean softmax)": metrics.reliability_curve(predictions["probs"],
-                                                                        labels)}
   for h in heads:
     calibration[f"{prefix}{h}"] = metrics.reliability_curve(softmax[h], labels)
   return {"defer": defer, "calibration": calibration}
@@ -408,10 +412,10 @@ def evaluate_checkpoint(config, workdir: str, split: str = "test", checkpoint: s
   table = write_report(results, run.splits.class_names, workdir, split, extra)
   write_predictions(predictions, getattr(source, "ids", None), run.splits.class_names, workdir,
                     split)
-  if diffusion_head:
-    report = uncertainty_report(predictions, run.models.num_classes,
-                                dcg=run.models.guidance_heads == models_lib.GUIDANCE_HEADS["dcg"])
-    write_uncertainty_report(report, workdir, split)
+  report = uncertainty_report(predictions, run.models.num_classes,
+                              dcg=run.models.guidance_heads == models_lib.GUIDANCE_HEADS["dcg"],
+                              diffusion_head=diffusion_head)
+  write_uncertainty_report(report, workdir, split)
   overlays = write_overlays(run.models, inference_variables(state, config.optim.eval_with_ema),
                             source, predictions, getattr(source, "ids", None),
                             run.splits.class_names, workdir, split,

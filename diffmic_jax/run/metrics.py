@@ -146,6 +146,41 @@ def write_json(path: str, payload) -> None:
 DEFER_FRACTIONS = tuple(np.round(np.arange(0.0, 0.501, 0.05), 2))
 
 
+def risk_coverage(uncertainty, correct) -> dict:
+  """The risk-coverage curve of selective classification, tie-aware.
+
+  The k least uncertain cases are kept, k = 1..N; the risk at coverage k/N is their error rate.
+  Cases with equal uncertainty are taken in random order, in expectation: inside a tie group
+  of g cases with e errors, each kept case adds e/g expected errors (a discrete score such as
+  the agreement of S samples has large tie groups, and a fixed order would favour whichever
+  cases come first). A non-finite uncertainty counts as the largest.
+
+  Args:
+    uncertainty: [N] score, larger = less sure.
+    correct: [N] whether each case's prediction is right.
+
+  Returns:
+    {'coverage': [N] k/N, 'risk': [N] expected error rate of the k kept cases}.
+  """
+  score = np.asarray(uncertainty, np.float64)
+  score = np.where(np.isfinite(score), score, np.inf)
+  order = np.argsort(score, kind="stable")
+  score, errors = score[order], 1.0 - np.asarray(correct, np.float64)[order]
+  _, start, size = np.unique(score, return_index=True, return_counts=True)
+  group_errors = np.add.reduceat(errors, start)
+  before = np.concatenate([[0.0], np.cumsum(group_errors)[:-1]])
+  group = np.repeat(np.arange(len(start)), size)
+  kept = np.arange(1, len(score) + 1)
+  expected = before[group] + (kept - start[group]) * group_errors[group] / size[group]
+  return {"coverage": kept / len(score), "risk": expected / kept}
+
+
+def aurc(uncertainty, correct) -> float:
+  """Area under the risk-coverage curve (`risk_coverage`), the mean risk over k = 1..N: lower
+  is better; a ranking that puts every error last reaches the error rate's floor."""
+  return float(np.mean(risk_coverage(uncertainty, correct)["risk"]))
+
+
 def defer_curve(uncertainty, preds, labels, num_classes: int,
                 fractions=DEFER_FRACTIONS) -> dict:
   """Accuracy and macro-F1 of the cases kept when the most uncertain ones go to an expert.
@@ -157,7 +192,8 @@ def defer_curve(uncertainty, preds, labels, num_classes: int,
     fractions: fractions of the N cases referred (the round(f·N) most uncertain).
 
   Returns:
-    {'fraction': [F], 'num_kept': [F], 'accuracy': [F], 'f1_macro': [F]} (lists).
+    {'fraction': [F], 'num_kept': [F], 'accuracy': [F], 'f1_macro': [F]} (lists) and 'aurc',
+    the area under the whole risk-coverage curve (`aurc`).
   """
   preds, labels = np.asarray(preds), np.asarray(labels)
   order = np.argsort(-np.asarray(uncertainty, np.float64), kind="stable")
@@ -170,6 +206,7 @@ def defer_curve(uncertainty, preds, labels, num_classes: int,
     curve["f1_macro"].append(float(skm.f1_score(
         labels[kept], preds[kept], labels=list(range(num_classes)), average="macro",
         zero_division=0)) if len(kept) else None)
+  curve["aurc"] = aurc(uncertainty, preds == labels)
   return curve
 
 

@@ -27,6 +27,7 @@ from diffmic_jax.platform import errors
 from diffmic_jax.platform import host
 from diffmic_jax.platform import profiling
 from diffmic_jax.platform import sharding
+from diffmic_jax.run import checkpointing
 from diffmic_jax.run import optim
 from diffmic_jax.run import run as run_lib
 from diffmic_jax.run import tensorboard
@@ -279,6 +280,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   lock = _lock(workdir)
   try:
     changes = workdir_lib.check_resume_config(config, workdir)
+    if not workdir_lib.has_checkpoint(workdir):  # a resumed run never reads its sources again
+      for source in (config.guidance.init_from, config.model.encoder_init_from):
+        if source:
+          checkpointing.find_checkpoint(source)  # refused before any record is written
     run = run_lib.prepare(config, workdir)
     try:
       if distributed.is_primary():

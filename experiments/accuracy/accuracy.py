@@ -85,6 +85,10 @@ def run_one(config, arm, seed, runs_dir, out_dir, extra, finished):
     report = json.load(f)
   record = {"arm": arm, "seed": seed, "command": " ".join(cmd[1:]), "wall_s": time.time() - start,
             "test": report, "curves": _curves(os.path.join(workdir, "metrics.jsonl"))}
+  uncertainty_path = os.path.join(workdir, "eval", "test_uncertainty.json")
+  if os.path.exists(uncertainty_path):  # defer curves with their AURC, calibration (ECE)
+    with open(uncertainty_path) as f:
+      record["uncertainty"] = json.load(f)
   os.makedirs(os.path.dirname(result_path), exist_ok=True)
   files.write_json(result_path, record, indent=1)
   return record

@@ -1,15 +1,15 @@
 #!/usr/bin/env bash
 # The accuracy study of experiments/accuracy/README.md ("Accuracy study"), every table from here.
-# Usage: experiments/accuracy/accuracy_study.sh protocol|guides|diffusion|levers|long
+# Usage: experiments/accuracy/accuracy_study.sh protocol|guides|diffusion|levers|long|pretrained
 # (each part resumes where it stopped; protocol = guides + diffusion: basic, dcg, c1, c2, full
 # × 3 seeds × 3 datasets, in the order that gives BUSI and HAM10000's main comparison first)
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 export PYTHONPATH=$PWD
 part=${1:-protocol}
-study() {  # study NAME CONFIG ARMS SEEDS
+study() {  # study NAME CONFIG ARMS SEEDS [--config.a.b=value ...]
   python experiments/accuracy/accuracy.py --config "configs/$2.py" --arms "$3" --seeds "$4" \
-    --out "experiments/accuracy/results/$1" --runs "runs/accuracy/$1"
+    --out "experiments/accuracy/results/$1" --runs "runs/accuracy/$1" "${@:5}"
 }
 case $part in
   protocol)
@@ -37,5 +37,18 @@ case $part in
   long)  # the official joint length is the expensive lever: 300 and 1000 joint epochs
     study busi_cpu busi_cpu full_e300,full_e1000 0
     ;;
-  *) echo "usage: $0 protocol|guides|diffusion|levers|long" >&2; exit 1 ;;
+  pretrained)  # the paper's regime in miniature: HAM10000-pretrained DCG trunks, random ρ(x),
+    # against the same arms from scratch (guidance.init_from=''); runs/ham10000_pretrain or
+    # $DIFFMIC_PRETRAINED_RUN holds the pretrained trunk (trained here first if absent).
+    pretrain=${DIFFMIC_PRETRAINED_RUN:-runs/ham10000_pretrain}
+    [ -d "$pretrain/checkpoints_best" ] || python -m diffmic_jax.main \
+      --config configs/ham10000_pretrain.py --workdir "$pretrain" --config.seed=0
+    export DIFFMIC_PRETRAINED_RUN=$pretrain
+    study busi_pretrained busi_pretrained basic,dcg,c2,full 0,1,2
+    study busi_scratch busi_pretrained basic,dcg,c2,full 0,1,2 --config.guidance.init_from=
+    study retinamnist_pretrained retinamnist_pretrained basic,dcg,c2,full 0,1,2
+    study retinamnist_scratch retinamnist_pretrained basic,dcg,c2,full 0,1,2 \
+      --config.guidance.init_from=
+    ;;
+  *) echo "usage: $0 protocol|guides|diffusion|levers|long|pretrained" >&2; exit 1 ;;
 esac
