@@ -454,7 +454,9 @@ def assign_trunk(variables: Mapping, trunk: str, flat: Mapping[str, np.ndarray],
     node = variables[collection][trunk]
     for name in path[:-1]:
       node = node[name]
-    node[path[-1]] = jnp.asarray(value, getattr(node[path[-1]], "dtype", jnp.float32))
+    # A copy: one source trunk may feed two trunks (a classifier's into both DCG trunks), and
+    # the train step donates every buffer of the state once.
+    node[path[-1]] = jnp.array(value, getattr(node[path[-1]], "dtype", jnp.float32), copy=True)
   return variables
 
 
@@ -572,7 +574,7 @@ def guidance_from_run(variables: Mapping, source: Mapping, source_name: str
   loaded, skipped = {}, []
   for key, value in heads.items():
     if key in source_guidance and tuple(np.shape(source_guidance[key])) == tuple(value.shape):
-      loaded[key] = jnp.asarray(source_guidance[key], value.dtype)
+      loaded[key] = jnp.array(source_guidance[key], value.dtype, copy=True)
     else:
       skipped.append(key)
   if loaded:

@@ -114,12 +114,74 @@ def table(records):
            "|---|---|---|" + "---|" * len(METRICS)]
   for arm, runs in by_arm.items():
     for head in runs[0]["test"]["heads"]:
-      cells = []
-      for m in METRICS:
-        values = np.array([r["test"]["heads"][head][m] for r in runs], float)
-        cells.append(f"{values.mean():.3f} ± {values.std(ddof=1) if len(values) > 1 else 0:.3f}")
+      cells = [_mean_std([r["test"]["heads"][head][m] for r in runs]) for m in METRICS]
       lines.append(f"| {arm} | {head} | {len(runs)} | " + " | ".join(cells) + " |")
   return "\n".join(lines)
+
+
+REFERRED = (0.1, 0.2, 0.3)  # fractions of the test cases referred to an expert
+
+
+def _mean_std(values):
+  values = np.asarray(values, float)
+  return f"{values.mean():.3f} ± {values.std(ddof=1) if len(values) > 1 else 0:.3f}"
+
+
+def uncertainty_tables(records):
+  """Markdown tables of every run's eval/test_uncertainty.json, mean ± std over seeds: for each
+  arm and ranking, the AURC (lower is better) and accuracy / macro-F1 of the cases kept when
+  10, 20 and 30 % are referred; then the ECE of every calibrated head."""
+  by_arm = {}
+  for r in records:
+    if "uncertainty" in r:
+      by_arm.setdefault(r["arm"], []).append(r["uncertainty"])
+  cols = [f"{m} @{int(f * 100)}%" for m in ("acc", "F1") for f in REFERRED]
+  defer = ["| arm | ranking | seeds | AURC | " + " | ".join(cols) + " |",
+           "|---|---|---|---|" + "---|" * len(cols)]
+  ece = ["| arm | head | seeds | ECE |", "|---|---|---|---|"]
+  for arm, reports in by_arm.items():
+    for name in reports[0]["defer"]:
+      curves = [rep["defer"][name] for rep in reports]
+      cells = [_mean_std([c["aurc"] for c in curves])]
+      for key in ("accuracy", "f1_macro"):
+        for fraction in REFERRED:
+          cells.append(_mean_std([c[key][c["fraction"].index(fraction)] for c in curves]))
+      defer.append(f"| {arm} | {name} | {len(curves)} | " + " | ".join(cells) + " |")
+    for head in reports[0]["calibration"]:
+      ece.append(f"| {arm} | {head} | {len(reports)} | "
+                 f"{_mean_std([rep['calibration'][head]['ece'] for rep in reports])} |")
+  return "\n".join(defer) + "\n\n" + "\n".join(ece)
+
+
+def plot_uncertainty(records, out_dir):
+  """uncertainty.png: macro-F1 of the kept cases against the fraction referred, mean over seeds
+  (band: ± std), one line per arm and ranking."""
+  import matplotlib
+  matplotlib.use("Agg")
+  from matplotlib import pyplot as plt
+  by_key = {}
+  for r in records:
+    for name, curve in r.get("uncertainty", {}).get("defer", {}).items():
+      by_key.setdefault((r["arm"], name), []).append(curve)
+  if not by_key:
+    return
+  fig, ax = plt.subplots(figsize=(8, 5))
+  for (arm, name), curves in by_key.items():
+    fraction = np.asarray(curves[0]["fraction"])
+    f1 = np.array([c["f1_macro"] for c in curves], float)
+    aurc = np.mean([c["aurc"] for c in curves])
+    line, = ax.plot(fraction, f1.mean(0), marker="o", markersize=3,
+                    label=f"{arm}: {name} (AURC {aurc:.3f}, {len(curves)} seeds)")
+    if len(curves) > 1:
+      ax.fill_between(fraction, f1.mean(0) - f1.std(0, ddof=1), f1.mean(0) + f1.std(0, ddof=1),
+                      color=line.get_color(), alpha=0.12)
+  ax.set(xlabel="fraction referred to an expert (most uncertain first)",
+         ylabel="macro-F1 of the kept cases", title=os.path.basename(os.path.normpath(out_dir)))
+  ax.grid(alpha=0.3)
+  ax.legend(fontsize=6)
+  fig.tight_layout()
+  files.save_figure(fig, os.path.join(out_dir, "uncertainty.png"), dpi=90)
+  plt.close(fig)
 
 
 def _smooth(values, width=15):
@@ -227,6 +289,10 @@ def write_outputs(out_dir, config, extra, records):
   files.write_text(os.path.join(out_dir, "table.md"), table(records) + "\n")
   plot_curves(records, out_dir)
   print(table(records))
+  if any("uncertainty" in r for r in records):
+    files.write_text(os.path.join(out_dir, "uncertainty.md"), uncertainty_tables(records) + "\n")
+    plot_uncertainty(records, out_dir)
+    print(uncertainty_tables(records))
 
 
 if __name__ == "__main__":
