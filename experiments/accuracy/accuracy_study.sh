@@ -44,11 +44,13 @@ case $part in
     [ -d "$pretrain/checkpoints_best" ] || python -m diffmic_jax.main \
       --config configs/ham10000_pretrain.py --workdir "$pretrain" --config.seed=0
     export DIFFMIC_PRETRAINED_RUN=$pretrain
-    study busi_pretrained busi_pretrained basic,dcg,c2,full 0,1,2
-    study busi_scratch busi_pretrained basic,dcg,c2,full 0,1,2 --config.guidance.init_from=
-    study retinamnist_pretrained retinamnist_pretrained basic,dcg,c2,full 0,1,2
-    study retinamnist_scratch retinamnist_pretrained basic,dcg,c2,full 0,1,2 \
-      --config.guidance.init_from=
+    for seed in 0 1 2; do  # seed by seed: a study cut short holds every arm of its seeds
+      study busi_pretrained busi_pretrained basic,dcg,c2,full $seed
+      study busi_scratch busi_pretrained basic,dcg,c2,full $seed --config.guidance.init_from=
+      study retinamnist_pretrained retinamnist_pretrained basic,dcg,c2,full $seed
+      study retinamnist_scratch retinamnist_pretrained basic,dcg,c2,full $seed \
+        --config.guidance.init_from=
+    done
     ;;
   *) echo "usage: $0 protocol|guides|diffusion|levers|long|pretrained" >&2; exit 1 ;;
 esac
