@@ -2,8 +2,9 @@
 
 The paper's DCG starts from two ImageNet-pretrained ResNet-50 trunks, its ρ(x) from a random
 ResNet-18 (REFERENCE.md §1-3). No ImageNet weights can be had here, so the study of
-experiments/accuracy/README.md ("Paper regime in miniature") pretrains one full-depth, half-width (32) ResNet-18 trunk
-(the DCG trunk architecture of configs/busi_pretrained.py) as a plain supervised classifier
+experiments/accuracy/README.md ("Paper regime in miniature") pretrains one full-depth,
+half-width (32) ResNet-18 trunk (the DCG trunk architecture of configs/busi_pretrained.py)
+as a plain supervised classifier
 (`basic`) on HAM10000, the largest image set at hand, and transfers it to the other domains
 (BUSI ultrasound, RetinaMNIST fundus) with `--config.guidance.init_from=runs/ham10000_pretrain`.
 The targets are other domains, so pretraining on HAM10000 leaks nothing into their tests; a
