@@ -63,6 +63,8 @@ def test_risk_coverage_and_aurc_by_hand():
   assert metrics.aurc(score, correct) == pytest.approx((0 + 1 / 2 + 1 / 3 + 1 / 2) / 4)
   # Errors ranked last: the floor; first: the ceiling (risks 1, 1, 2/3, 1/2).
   assert metrics.aurc([0, 0.1, 0.2, 0.3], [1, 1, 0, 0]) == pytest.approx((0 + 0 + 1 / 3 + 1 / 2) / 4)
+  assert metrics.optimal_aurc(4, 2) == pytest.approx((0 + 0 + 1 / 3 + 1 / 2) / 4)
+  assert metrics.optimal_aurc(3, 0) == 0.0 and metrics.optimal_aurc(2, 2) == 1.0
   assert metrics.aurc([0.3, 0.2, 0.1, 0], [1, 1, 0, 0]) == pytest.approx((1 + 1 + 2 / 3 + 1 / 2) / 4)
 
 

@@ -181,6 +181,14 @@ def aurc(uncertainty, correct) -> float:
   return float(np.mean(risk_coverage(uncertainty, correct)["risk"]))
 
 
+def optimal_aurc(num_cases: int, num_errors: int) -> float:
+  """The AURC of the ranking that refers every error first: the floor set by the error rate
+  alone. AURC minus it (E-AURC, Geifman et al. 2019) measures the ranking apart from the
+  accuracy, so heads of different accuracy can be compared by how well they rank their errors."""
+  kept = np.arange(1, num_cases + 1)
+  return float(np.mean(np.maximum(kept - (num_cases - num_errors), 0) / kept))
+
+
 def defer_curve(uncertainty, preds, labels, num_classes: int,
                 fractions=DEFER_FRACTIONS) -> dict:
   """Accuracy and macro-F1 of the cases kept when the most uncertain ones go to an expert.

@@ -28,6 +28,7 @@ import time
 import numpy as np
 
 from diffmic_jax.platform import files
+from diffmic_jax.run import metrics
 
 PROTOCOL = {
     "basic": ["--config.ablation=basic"],
@@ -127,22 +128,31 @@ def _mean_std(values):
   return f"{values.mean():.3f} ± {values.std(ddof=1) if len(values) > 1 else 0:.3f}"
 
 
+def excess_aurc(curve):
+  """E-AURC of a `metrics.defer_curve`: its AURC minus the floor of its error rate (the first
+  point keeps every case)."""
+  num_cases = curve["num_kept"][0]
+  num_errors = int(round(num_cases * (1.0 - curve["accuracy"][0])))
+  return curve["aurc"] - metrics.optimal_aurc(num_cases, num_errors)
+
+
 def uncertainty_tables(records):
   """Markdown tables of every run's eval/test_uncertainty.json, mean ± std over seeds: for each
-  arm and ranking, the AURC (lower is better) and accuracy / macro-F1 of the cases kept when
-  10, 20 and 30 % are referred; then the ECE of every calibrated head."""
+  arm and ranking, the AURC and the E-AURC (AURC minus the floor its error rate sets: the
+  ranking apart from the accuracy; both lower is better) and accuracy / macro-F1 of the cases
+  kept when 10, 20 and 30 % are referred; then the ECE of every calibrated head."""
   by_arm = {}
   for r in records:
     if "uncertainty" in r:
       by_arm.setdefault(r["arm"], []).append(r["uncertainty"])
   cols = [f"{m} @{int(f * 100)}%" for m in ("acc", "F1") for f in REFERRED]
-  defer = ["| arm | ranking | seeds | AURC | " + " | ".join(cols) + " |",
-           "|---|---|---|---|" + "---|" * len(cols)]
+  defer = ["| arm | ranking | seeds | AURC | E-AURC | " + " | ".join(cols) + " |",
+           "|---|---|---|---|---|" + "---|" * len(cols)]
   ece = ["| arm | head | seeds | ECE |", "|---|---|---|---|"]
   for arm, reports in by_arm.items():
     for name in reports[0]["defer"]:
       curves = [rep["defer"][name] for rep in reports]
-      cells = [_mean_std([c["aurc"] for c in curves])]
+      cells = [_mean_std([c["aurc"] for c in curves]), _mean_std([excess_aurc(c) for c in curves])]
       for key in ("accuracy", "f1_macro"):
         for fraction in REFERRED:
           cells.append(_mean_std([c[key][c["fraction"].index(fraction)] for c in curves]))
