@@ -6,7 +6,9 @@ setuptools.setup(
     name="diffmic-jax",
     version="0.1.0",
     description="DiffMIC (Yang et al., MICCAI 2023) reimplemented in JAX/Flax Linen.",
-    packages=setuptools.find_packages(include=["diffmic_jax", "diffmic_jax.*"]),
+    # configs/ too: configs import each other (`from configs import default`), and a copy of
+    # one anywhere resolves them from the installed package.
+    packages=setuptools.find_packages(include=["diffmic_jax", "diffmic_jax.*", "configs"]),
     python_requires=">=3.11",
     install_requires=[
         "jax>=0.10.2",

@@ -1,11 +1,17 @@
 """Command line: the only module that reads flags.
 
   python -m diffmic_jax.main --config configs/demo.py --workdir runs/demo [--mode train]
-  python -m diffmic_jax.main --config configs/demo.py --workdir runs/demo --mode eval \
+  python -m diffmic_jax.main --workdir runs/demo --mode eval \
       [--checkpoint best|latest|STEP] [--split test|val|train]
   python -m diffmic_jax.main --config configs/ham10000.py --mode summary
-  python -m diffmic_jax.main --config configs/demo.py --workdir runs/demo --mode predict \
+  python -m diffmic_jax.main --workdir runs/demo --mode predict \
       --input PATH [--output OUT] [--checkpoint best|latest|STEP] [--overlays]
+
+`--config` is a Python config file (`get_config()`) or a resolved config.json of a run. Eval
+and predict read the run's own WORKDIR/config.json when --config is left out; fields that do
+not change the model or its preprocessing (batch size, sampler, number of samples, ...) may
+be overridden with `--config.a.b=value`, the others must agree with the run's
+(`workdir.check_eval_config`).
 """
 
 import json
@@ -27,11 +33,13 @@ from diffmic_jax.platform import errors
 from diffmic_jax.platform import files
 from diffmic_jax.platform import host
 from diffmic_jax.run import run as run_lib
+from diffmic_jax.run import workdir as workdir_lib
 from diffmic_jax.training import summary
 from diffmic_jax.training import train
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file.",
-                                          lock_config=True)
+_CONFIG = config_flags.DEFINE_config_file(
+    "config", None, "Experiment config: a Python file with get_config() or a run's config.json "
+    "(default for --mode eval|predict: WORKDIR/config.json).", lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and logs.")
 _MODE = flags.DEFINE_enum("mode", "train", ["train", "eval", "summary", "predict"],
                           "What to run.")
@@ -70,6 +78,8 @@ def _run(argv) -> None:
   if not _WORKDIR.value:
     raise ValueError("--workdir is required for --mode train, eval and predict")
   workdir = _WORKDIR.value
+  if _MODE.value in ("eval", "predict"):
+    workdir_lib.check_eval_config(config, workdir)
   if _MODE.value == "predict":
     if not _INPUT.value:
       raise ValueError("--mode predict needs --input PATH (an image, a folder or a CSV)")
@@ -125,10 +135,84 @@ def main(argv) -> None:
       sys.exit(1)
 
 
+# The repository's root (holding configs/) when the package runs from a checkout.
+_REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+class _ConfigParser(flags.ArgumentParser):
+  """--config: a resolved config.json (`workdir.read_config`) or a Python config file (read by
+  ml_collections' own parser), whose `from configs import ...` works from any directory."""
+
+  def __init__(self, python_parser):
+    self._python_parser = python_parser
+
+  def parse(self, argument):
+    if argument.lower().endswith(".json"):
+      config = workdir_lib.read_config(argument)
+      config.lock()
+      return config
+    _make_configs_importable(argument)
+    return self._python_parser.parse(argument)
+
+  def flag_type(self):
+    return self._python_parser.flag_type()
+
+
+def _make_configs_importable(path: str) -> None:
+  """Configs import each other (`from configs import default`): a config inside a `configs`
+  package resolves them there (first on sys.path); any other falls back to the installed
+  `configs` package or, from a checkout, the repository's (last on sys.path)."""
+  folder = os.path.dirname(os.path.abspath(path))
+  if (os.path.basename(folder) == "configs"
+      and os.path.isfile(os.path.join(folder, "__init__.py"))):
+    sys.path.insert(0, os.path.dirname(folder))
+  if _REPO_ROOT not in sys.path and os.path.isdir(os.path.join(_REPO_ROOT, "configs")):
+    sys.path.append(_REPO_ROOT)
+
+
+def _argv_value(argv, name: str):
+  """The value of --name in argv (`--name=v` or `--name v`), or None."""
+  for i, arg in enumerate(argv):
+    if arg == "--":
+      break
+    for prefix in (f"--{name}", f"-{name}"):
+      if arg.startswith(prefix + "="):
+        return arg[len(prefix) + 1:]
+      if arg == prefix and i + 1 < len(argv):
+        return argv[i + 1]
+  return None
+
+
+def _with_config(argv) -> list[str]:
+  """argv with --config resolved: a missing file is one line; left out, --mode eval|predict
+  take WORKDIR/config.json (training writes it), train and summary refuse."""
+  path = _argv_value(argv, "config")
+  if path is not None:
+    config_file = path.split(":", 1)[0]  # ml_collections passes 'file.py:arg' to get_config
+    if not os.path.isfile(config_file):
+      raise errors.UserError(f"--config {config_file}: no such file; expected a Python config "
+                             "(configs/*.py) or a run's config.json")
+    return argv
+  mode, workdir = _argv_value(argv, "mode") or "train", _argv_value(argv, "workdir")
+  if mode not in ("eval", "predict") or not workdir:
+    raise errors.UserError(f"--config is required for --mode {mode} (--mode eval and predict "
+                           "read WORKDIR/config.json without it)")
+  saved = os.path.join(workdir, workdir_lib.CONFIG_FILE)
+  if not os.path.isfile(saved):
+    raise errors.UserError(f"{saved}: no such file (this workdir was not made by training); "
+                           "pass the run's --config")
+  return [argv[0], f"--config={saved}", *argv[1:]]
+
+
 def _parse_flags(argv):
-  """absl's parser, with a misspelled `--config.a.b` field reported as one line, not a traceback."""
+  """absl's parser, with a misspelled `--config.a.b` field, a missing or bad --config and any
+  other bad flag reported as one line, not a traceback."""
   try:
-    return app.parse_flags_with_usage(argv)
+    argv = _with_config(argv)
+    return flags.FLAGS(argv)
+  except (errors.UserError, flags.Error) as e:
+    print(f"error: {e}", file=sys.stderr)
+    sys.exit(1)
   except (AttributeError, KeyError) as e:  # raised by ml_collections for an unknown field
     bad = [a.split("=")[0] for a in argv[1:] if a.startswith("--config.")]
     hint = " ".join(str(e.args[0] if e.args else e).replace("\\'", "'").split("\\n")).strip("'")
@@ -136,6 +220,7 @@ def _parse_flags(argv):
     sys.exit(1)
 
 
+flags.FLAGS["config"].parser = _ConfigParser(flags.FLAGS["config"].parser)
+
 if __name__ == "__main__":
-  flags.mark_flags_as_required(["config"])
   app.run(main, flags_parser=_parse_flags)

@@ -47,5 +47,6 @@ def test_select_examples_puts_the_most_confidently_wrong_first():
   labels = np.array([0, 1, 2, 0, 1, 2])
   probs = np.eye(3)[[0, 2, 2, 1, 1, 0]]  # wrong: 1, 3, 5
   votes = probs * np.array([1.0, 0.6, 1.0, 0.9, 1.0, 0.7])[:, None]
-  chosen = explain.select_examples({"probs": probs, "vote_probs": votes}, labels, 4)
+  chosen = explain.select_examples({"probs": probs, "vote_probs": votes,
+                                    "prediction": probs.argmax(1)}, labels, 4)
   assert chosen == [3, 5, 0, 1]

@@ -128,10 +128,12 @@ def test_modules_import_through_their_wings_not_the_package_face():
 
 
 @pytest.mark.parametrize("name,module", [("sampler", "diffmic_jax.diffusion.sampler"),
-                                         ("evaluate", "diffmic_jax.evaluation.evaluate")])
+                                         ("evaluate", "diffmic_jax.evaluation.evaluate"),
+                                         ("load_run", "diffmic_jax.evaluation.evaluate:load_run")])
 def test_the_library_api_keeps_its_path_and_imports_lazily(name, module):
+  where = f"{name}.__name__" if ":" not in module else f"{name}.__module__ + ':' + {name}.__name__"
   code = (f"import sys, diffmic_jax; assert 'jax' not in sys.modules; "
-          f"from diffmic_jax import {name}; assert {name}.__name__ == {module!r}")
+          f"from diffmic_jax import {name}; assert {where} == {module!r}, {where}")
   result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True,
                           env={**os.environ, "PYTHONPATH": ROOT})
   assert result.returncode == 0, result.stderr

@@ -4,6 +4,7 @@
 import csv
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -12,7 +13,10 @@ import pytest
 from PIL import Image
 
 from diffmic_jax.data import demo
+from diffmic_jax.evaluation import evaluate
 from diffmic_jax.evaluation import predict
+from diffmic_jax.platform import errors
+from diffmic_jax.run import checkpointing
 from diffmic_jax.training import train
 
 from tests import conftest
@@ -77,7 +81,8 @@ def test_predict_folder_matches_eval_mode_and_lists_bad_files(trained, tiny_conf
     for name in names:
       assert mine[f"p_{name}"] == theirs[f"p_{name}"]
     votes = [float(mine[f"vote_{n}"]) for n in names]
-    assert sum(votes) == pytest.approx(1.0) and float(mine["agreement"]) == max(votes)
+    assert sum(votes) == pytest.approx(1.0) and float(mine["vote_share"]) == max(votes)
+    assert mine["vote_share"] == theirs["vote_share"]
   for name in ("test_uncertainty.json", "test_defer.png", "test_reliability.png"):
     assert os.path.exists(os.path.join(trained, "eval", name))
   overlays = sorted(os.listdir(out / "overlays"))
@@ -122,3 +127,76 @@ def test_predict_with_no_readable_file_writes_empty_results(trained, tiny_config
   assert result["num_predicted"] == 0 and result["num_skipped"] == 1
   assert _read(tmp_path / "out" / "predictions.csv") == []
   assert len(_read(tmp_path / "out" / "skipped.csv")) == 1
+
+
+def test_odd_file_names_and_unreadable_folders_are_kept_and_listed(trained, tiny_config,
+                                                                     tmp_path, monkeypatch):
+  _, good = _test_split_folder(tiny_config(), trained, tmp_path / "in")
+  odd = os.path.join(str(tmp_path / "in"), os.fsdecode(b"caf\xe9_latin1.png"))  # not UTF-8
+  os.rename(good[0], odd)
+  (tmp_path / "in" / "locked").mkdir()
+  scandir = os.scandir
+  def refuse_locked(path="."):
+    if os.path.basename(os.fspath(path)) == "locked":  # as for a folder of mode 000
+      raise PermissionError(13, "Permission denied", os.fspath(path))
+    return scandir(path)
+  monkeypatch.setattr(os, "scandir", refuse_locked)
+  result = predict.predict_files(tiny_config(), trained, str(tmp_path / "in"),
+                                 str(tmp_path / "out"))
+  assert result["num_predicted"] == len(good)
+  with open(tmp_path / "out" / "predictions.csv", "rb") as f:
+    assert os.fsencode(odd) in f.read()  # the file's own bytes
+  with open(tmp_path / "out" / "skipped.csv", newline="", encoding="utf-8") as f:
+    skipped = {os.path.basename(r["path"]): r["reason"] for r in csv.DictReader(f)}
+  assert skipped["locked"] == "unreadable folder (Permission denied)"
+
+
+def test_rows_are_written_as_batches_finish(trained, tiny_config, tmp_path, monkeypatch):
+  _test_split_folder(tiny_config(), trained, tmp_path / "in")
+  monkeypatch.setattr(predict, "CHUNK_BATCHES", 1)
+  calls = []
+  real = evaluate.predict
+  def crash_on_second(*args, **kwargs):
+    calls.append(kwargs["first_batch"])
+    if len(calls) == 2:
+      raise KeyboardInterrupt
+    return real(*args, **kwargs)
+  monkeypatch.setattr(evaluate, "predict", crash_on_second)
+  with pytest.raises(KeyboardInterrupt):
+    predict.predict_files(tiny_config(), trained, str(tmp_path / "in"), str(tmp_path / "out"))
+  assert calls == [0, 1]
+  assert len(_read(tmp_path / "out" / "predictions.csv")) == tiny_config().training.eval_batch_size
+
+
+def test_bad_output_and_latin1_csv_are_refused_before_any_work(trained, tiny_config, tmp_path,
+                                                               monkeypatch):
+  def never(*args, **kwargs):
+    raise AssertionError("a checkpoint was restored")
+  monkeypatch.setattr(evaluate, "load_variables", never)
+  (tmp_path / "in").mkdir()
+  (tmp_path / "taken").write_text("a file")
+  with pytest.raises(errors.UserError, match="--output .*taken: an existing file"):
+    predict.predict_files(tiny_config(), trained, str(tmp_path / "in"), str(tmp_path / "taken"))
+  listing = tmp_path / "latin1.csv"
+  listing.write_bytes("path\nr\xe9tine.png\n".encode("latin-1"))
+  with pytest.raises(errors.UserError, match="latin1.csv: not UTF-8"):
+    predict.predict_files(tiny_config(), trained, str(listing), str(tmp_path / "out"))
+  assert (tmp_path / "taken").read_text() == "a file" and not (tmp_path / "out").exists()
+
+
+def test_latest_checkpoint_deleted_while_read_is_read_again(trained, tiny_config, tmp_path,
+                                                            monkeypatch, caplog):
+  workdir = str(tmp_path / "run")
+  shutil.copytree(trained, workdir)
+  steps = sorted(int(s) for s in os.listdir(os.path.join(workdir, "checkpoints")) if s.isdigit())
+  restore = checkpointing.Checkpointer.restore
+  deleted = []
+  def deleted_by_training(self, kind, step, abstract_state):
+    if not deleted:  # the run's next save removes the checkpoint being read
+      deleted.append(step)
+      shutil.rmtree(os.path.join(workdir, "checkpoints", str(step)))
+    return restore(self, kind, step, abstract_state)
+  monkeypatch.setattr(checkpointing.Checkpointer, "restore", deleted_by_training)
+  _, variables = evaluate.load_variables(tiny_config(), workdir, "latest")
+  assert deleted == [steps[-1]] and variables["denoiser"]
+  assert "was deleted while it was read" in caplog.text

@@ -23,6 +23,43 @@ def test_vote_probabilities_are_a_hand_counted_vote():
   np.testing.assert_allclose(out["agreement"], [0.8, 1.0], atol=1e-7)
 
 
+def test_prediction_is_the_vote_and_a_tie_goes_to_the_larger_mean_softmax():
+  # Image 0 (the case): one sample is far more confident in class 2, so the mean
+  # softmax favours class 2 while 3 of 4 samples vote class 0. Image 1: a 2-2 tie between
+  # classes 1 and 2, with the larger mean softmax on class 2. Image 2: unanimous class 1.
+  y0 = np.array([
+      [[0.5, 0.0, 0.4], [0.5, 0.0, 0.4], [0.5, 0.0, 0.4], [-9.0, -9.0, 9.0]],
+      [[0.0, 0.6, 0.5], [0.0, 0.6, 0.5], [0.0, 0.1, 2.0], [0.0, 0.1, 2.0]],
+      [[0.0, 1.0, 0.0], [0.0, 1.0, 0.0], [0.0, 1.0, 0.0], [0.0, 1.0, 0.0]],
+  ], np.float32)
+  out = sampler.sample_uncertainty(jnp.asarray(y0), jnp.asarray([0, 2, 1]))
+  mean_softmax = np.exp(y0) / np.exp(y0).sum(-1, keepdims=True)
+  mean_softmax = mean_softmax.mean(1)
+  assert mean_softmax[0].argmax() == 2  # the old rule named a class with 1 vote of 4
+  pred = np.asarray(sampler.vote_prediction(out["vote_probs"], jnp.asarray(mean_softmax)))
+  np.testing.assert_array_equal(pred, [0, 2, 1])
+  # The same rule on numpy arrays (evaluate's host path), and -1 for a row without a finite ŷ₀.
+  np.testing.assert_array_equal(
+      evaluate.predicted_class(np.asarray(out["vote_probs"]), mean_softmax), [0, 2, 1])
+  nan_row = mean_softmax.copy()
+  nan_row[1] = np.nan
+  np.testing.assert_array_equal(evaluate.predicted_class(np.asarray(out["vote_probs"]), nan_row),
+                                [0, -1, 1])
+  # Entropy of the vote: 3:1 split, 2:2 split, unanimous (hand-computed, nats).
+  np.testing.assert_allclose(out["vote_entropy"],
+                             [-(0.75 * np.log(0.75) + 0.25 * np.log(0.25)), np.log(2.0), 0.0],
+                             atol=1e-6)
+
+
+def test_metrics_score_the_given_predictions_and_auc_the_probabilities():
+  labels = np.array([0, 0, 1, 1])
+  probs = np.array([[0.4, 0.6], [0.9, 0.1], [0.3, 0.7], [0.2, 0.8]])
+  m = metrics.classification_metrics(probs, labels, 2, predictions=np.array([0, 0, 1, -1]))
+  assert m["accuracy"] == 0.75  # the -1 (no finite sample) counts as wrong
+  assert m["confusion_matrix"] == [[2, 0], [1, 1]]
+  assert m["auc_macro_ovr"] == metrics.classification_metrics(probs, labels, 2)["auc_macro_ovr"]
+
+
 def test_intervals_are_percentiles_over_samples_and_the_separation_flag():
   out = sampler.sample_uncertainty(jnp.asarray(Y0), jnp.asarray([0, 2]))
   y0 = Y0.astype(np.float64)
@@ -101,10 +138,11 @@ def test_uncertainty_report_writes_json_and_pngs(tmp_path):
   logits = rng.normal(size=(40, 3)) + 2 * np.eye(3)[labels]
   probs = np.exp(logits) / np.exp(logits).sum(1, keepdims=True)
   predictions = {"labels": labels, "probs": probs, "vote_probs": np.eye(3)[probs.argmax(1)],
+                 "prediction": probs.argmax(1), "vote_entropy": np.zeros(40),
                  "entropy": -(probs * np.log(probs)).sum(1), "agreement": probs.max(1),
                  "fused": logits, "global": logits, "local": logits[::-1]}
   report = evaluate.uncertainty_report(predictions, 3)
-  assert len(report["defer"]) == 4 and len(report["calibration"]) == 5
+  assert len(report["defer"]) == 5 and len(report["calibration"]) == 5
   evaluate.write_uncertainty_report(report, str(tmp_path), "test")
   for name in ("test_uncertainty.json", "test_defer.png", "test_reliability.png"):
     assert (tmp_path / "eval" / name).stat().st_size > 0

@@ -72,10 +72,12 @@ def sample(models: models_lib.Models, variables, images, key, *, timesteps, num_
 
   Returns:
     {'y0': [B, S, C] ŷ₀ of every sample, 'probs': [B, C] mean over samples of softmax(ŷ₀),
-     'prediction': [B] argmax of 'probs' (= argmax ŷ₀ for S = 1), 'entropy': [B] predictive
-     entropy of 'probs' (an uncertainty score), 'guidance_logits':
+     'prediction': [B] the samples' vote, ties broken by 'probs' (`vote_prediction`; = argmax
+     ŷ₀ for S = 1), 'entropy': [B] entropy of 'probs' (close to ln C whenever ŷ₀ stays near
+     the simplex's centre, so it says little; prefer 'vote_entropy'), 'guidance_logits':
      {'fused','global','local'} [B, C], the uncertainty scores of `sample_uncertainty`
-     ('vote_probs', 'agreement', 'y0_interval', 'interval_separated') and 'guidance_aux'
+     ('vote_probs', 'agreement', 'vote_entropy', 'y0_interval', 'interval_separated') and
+     'guidance_aux'
      (`explanation_aux`: the DCG's CAM, ROI positions and attention weights)}. Without a
      denoiser (ablation 'basic') 'y0' holds the classifier logits.
   """
@@ -89,11 +91,34 @@ def sample(models: models_lib.Models, variables, images, key, *, timesteps, num_
                               timesteps=timesteps, clip=models.clip_y0)
     y0 = jnp.moveaxis(jax.vmap(chain)(jax.random.split(key, num_samples)), 0, 1)
   probs = jnp.mean(jax.nn.softmax(y0, axis=-1), axis=1)
-  entropy = -jnp.sum(probs * jnp.log(jnp.clip(probs, 1e-12, 1.0)), axis=-1)
-  prediction = jnp.argmax(probs, axis=-1)
+  prediction = vote_prediction(votes(y0), probs)
   return {"y0": y0, "probs": probs, "prediction": prediction,
-          "entropy": entropy, "guidance_logits": logits,
+          "entropy": entropy(probs), "guidance_logits": logits,
           **sample_uncertainty(y0, prediction), "guidance_aux": explanation_aux(aux)}
+
+
+def votes(y0):
+  """[B, C] fraction of the S samples of ŷ₀ [B, S, C] whose argmax is each class."""
+  return jnp.mean(jax.nn.one_hot(jnp.argmax(y0, axis=-1), y0.shape[-1]), axis=1)
+
+
+def vote_prediction(vote_probs, probs):
+  """The prediction rule: the class most samples vote for, a tie going to the class with the
+  larger mean softmax. For S = 1 it is the official argmax ŷ₀.
+
+  Args:
+    vote_probs: [B, C] vote shares (`votes`); probs: [B, C] mean softmax. jax or numpy arrays.
+
+  Returns:
+    [B] class indices; the predicted class always holds the largest vote share.
+  """
+  top = vote_probs == vote_probs.max(axis=-1, keepdims=True)
+  return ((probs + 2.0) * top).argmax(axis=-1)  # probs <= 1 < 2: only the top votes compete
+
+
+def entropy(p):
+  """[B] entropy (nats) of the rows of [B, C] distributions, with 0 · log 0 = 0."""
+  return -jnp.sum(p * jnp.log(jnp.clip(p, 1e-12, 1.0)), axis=-1)
 
 
 # The guidance model's intermediates that explain a decision (`dcg.DCG` returns all three;
@@ -115,20 +140,23 @@ def sample_uncertainty(y0, prediction, interval=(2.5, 97.5)) -> dict:
     interval: percentiles of the per-class interval of ŷ₀ over the samples.
 
   Returns:
-    'vote_probs': [B, C] fraction of the S samples whose argmax ŷ₀ is each class;
-    'agreement': [B] the largest vote fraction (1 = every sample agrees);
+    'vote_probs': [B, C] fraction of the S samples whose argmax ŷ₀ is each class (`votes`);
+    'agreement': [B] the largest vote fraction (1 = every sample agrees): the vote share of
+    the prediction of `vote_prediction`;
+    'vote_entropy': [B] entropy of 'vote_probs' (0 = unanimous, ln min(S, C) = evenly split);
     'y0_interval': [B, 2, C] lower and upper percentile of ŷ₀_c over the samples;
     'interval_separated': [B] bool, the predicted class's interval lies entirely above every
     other class's (CARD's PICP-style check; never for S = 1, whose interval is a point, unless
     the point values differ).
   """
   num_classes = y0.shape[-1]
-  vote_probs = jnp.mean(jax.nn.one_hot(jnp.argmax(y0, axis=-1), num_classes), axis=1)
+  vote_probs = votes(y0)
   bounds = jnp.moveaxis(jnp.percentile(y0, jnp.asarray(interval), axis=1), 0, 1)  # [B, 2, C]
   chosen = jax.nn.one_hot(prediction, num_classes, dtype=bool)
   lower_chosen = jnp.sum(jnp.where(chosen, bounds[:, 0], 0.0), axis=-1)
   upper_others = jnp.max(jnp.where(chosen, -jnp.inf, bounds[:, 1]), axis=-1)
   return {"vote_probs": vote_probs, "agreement": jnp.max(vote_probs, axis=-1),
+          "vote_entropy": entropy(vote_probs),
           "y0_interval": bounds, "interval_separated": lower_chosen > upper_others}
 
 

@@ -2,7 +2,8 @@
 
 `evaluate(run, state, split, final=...)` is the entry point behind both validation during
 training (`validate`) and the test after training and `--mode eval` (`evaluate_checkpoint`);
-`load_variables` restores a checkpoint's inference variables for other programs.
+`load_run` restores a run from its workdir alone (config, models, variables) for other
+programs, `load_variables` the same with a config of the caller's.
 
 Padded batches are masked, predictions from every batch are gathered, and metrics come from the
 whole split. The DCG heads (fused, global, local) are scored beside the diffusion head, so users
@@ -35,10 +36,16 @@ from diffmic_jax.run import metrics
 from diffmic_jax.run import run as run_lib
 from diffmic_jax.run import tensorboard
 from diffmic_jax.run import train_state
+from diffmic_jax.run import workdir as workdir_lib
 
 
 # Per-example outputs of `sampler.sample` that `predict` gathers besides the guidance logits.
-SAMPLE_KEYS = ("probs", "entropy", "vote_probs", "agreement", "interval_separated")
+SAMPLE_KEYS = ("probs", "entropy", "vote_probs", "agreement", "vote_entropy",
+               "interval_separated")
+
+# How --mode eval, predict and validation name a class (recorded in DIR/eval/<split>_metrics.json).
+PREDICTION_RULE = ("vote of the samples, ties broken by the mean softmax (argmax y0 for one "
+                   "sample, the official rule)")
 
 
 @functools.lru_cache(maxsize=8)
@@ -83,23 +90,25 @@ def stable_probs(y0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
 
 
 def predict(models, variables, batches, key, mesh, *, sampler_name: str, num_steps: int,
-            num_samples: int = 1, progress: str | None = None) -> dict:
+            num_samples: int = 1, progress: str | None = None, first_batch: int = 0) -> dict:
   """Runs the sampler over every batch and gathers the unpadded outputs on the host.
 
   Args:
     models: the model bundle.
     variables: {'guidance', 'denoiser'} variables.
     batches: iterable of {'image': [B, H, W, 3], 'label': [B], 'mask': [B]} host batches.
-    key: PRNG key; batch i uses fold_in(key, i).
+    key: PRNG key; batch i uses fold_in(key, first_batch + i).
     mesh: the ('data',) mesh.
     sampler_name, num_steps, num_samples: see `sampler.make_sample_fn`.
     progress: a progress-bar label (process 0), or None for no bar.
+    first_batch: the index of the first batch in a longer sequence cut into parts (predict
+      writes its results part by part): the parts together get the keys of one call.
 
   Returns:
-    {'labels': [N], 'probs': [N, C] (`stable_probs`), 'diverged', 'non_finite': [N] chains per
-     example, 'fused'/'global'/'local': [N, C] guidance logits, and the other SAMPLE_KEYS of
-     `sampler.sample`: 'entropy' [N], 'vote_probs' [N, C], 'agreement' [N],
-     'interval_separated' [N]}.
+    {'labels': [N], 'probs': [N, C] (`stable_probs`), 'prediction': [N] (`predicted_class`),
+     'diverged', 'non_finite': [N] chains per example, 'fused'/'global'/'local': [N, C]
+     guidance logits, and the other SAMPLE_KEYS of `sampler.sample`: 'entropy' [N],
+     'vote_probs' [N, C], 'agreement' [N], 'vote_entropy' [N], 'interval_separated' [N]}.
   """
   sample_fn = _sample_fn(models, sampler_name, num_steps, num_samples)
   bar = tqdm.tqdm(total=len(batches) if hasattr(batches, "__len__") else None, desc=progress,
@@ -107,7 +116,7 @@ def predict(models, variables, batches, key, mesh, *, sampler_name: str, num_ste
                   disable=progress is None or jax.process_index() != 0)
   outputs, in_flight = [], None
   for i, batch in enumerate(sharding.prefetch(batches, mesh)):
-    out = sample_fn(variables, batch["image"], jax.random.fold_in(key, i))
+    out = sample_fn(variables, batch["image"], jax.random.fold_in(key, first_batch + i))
     outputs.append({"labels": batch["label"], "mask": batch["mask"], "y0": out["y0"],
                     **{k: out[k] for k in SAMPLE_KEYS if k != "probs"},
                     **out["guidance_logits"]})
@@ -126,7 +135,16 @@ def predict(models, variables, batches, key, mesh, *, sampler_name: str, num_ste
   mask = merged.pop("mask").astype(bool)
   merged = {k: v[mask] for k, v in merged.items()}
   merged["probs"], merged["diverged"], merged["non_finite"] = stable_probs(merged.pop("y0"))
+  merged["prediction"] = predicted_class(merged["vote_probs"], merged["probs"])
   return merged
+
+
+def predicted_class(vote_probs, probs) -> np.ndarray:
+  """[N] the diffusion head's class by `sampler.vote_prediction` (the samples' vote, ties broken
+  by the mean softmax), or -1 where no chain gave a finite ŷ₀ (counted as wrong)."""
+  finite = np.isfinite(probs).all(axis=1)
+  safe = np.where(finite[:, None], probs, 0.0)
+  return np.where(finite, sampler.vote_prediction(np.asarray(vote_probs), safe), -1)
 
 
 def _softmax(logits):
@@ -142,8 +160,8 @@ def score(predictions: dict, num_classes: int, with_diffusion: bool = True,
   labels = predictions["labels"]
   results = {}
   if with_diffusion:
-    results["diffusion"] = metrics.classification_metrics(predictions["probs"], labels,
-                                                          num_classes)
+    results["diffusion"] = metrics.classification_metrics(
+        predictions["probs"], labels, num_classes, predictions=predictions.get("prediction"))
     if "diverged" in predictions:
       results["diffusion"]["num_diverged"] = int(np.sum(predictions["diverged"]))
   heads = {f"dcg_{h}": h for h in ("fused", "global", "local")} if dcg else {"classifier": "fused"}
@@ -186,16 +204,18 @@ def write_predictions(predictions: dict, ids, class_names, workdir: str, split: 
     return
   labels = predictions["labels"]
   ids = list(ids) if ids is not None else [str(i) for i in range(len(labels))]
-  probs = predictions["probs"]
+  probs, votes = predictions["probs"], predictions["vote_probs"]
   fused = predictions["fused"].argmax(axis=1)
   path = os.path.join(workdir, "eval", f"{split}_predictions.csv")
-  with files.atomic_open(path, "w", newline="") as f:
+  with files.atomic_open(path, "w", newline="", encoding="utf-8",
+                         errors="surrogateescape") as f:
     writer = csv.writer(f)
-    writer.writerow(["id", "label", "prediction", "dcg_fused_prediction"]
-                    + [f"p_{name}" for name in class_names])
+    writer.writerow(["id", "label", "prediction", "vote_share", "vote_entropy",
+                     "dcg_fused_prediction"] + [f"p_{name}" for name in class_names])
     for i, label in enumerate(labels):
-      prediction = int(probs[i].argmax()) if np.isfinite(probs[i]).all() else -1  # diverged
-      writer.writerow([ids[i], int(label), prediction, int(fused[i])]
+      k = int(predictions["prediction"][i])  # -1: diverged
+      writer.writerow([ids[i], int(label), k, f"{votes[i][k] if k >= 0 else 0.0:.6f}",
+                       f"{predictions['vote_entropy'][i]:.6f}", int(fused[i])]
                       + [f"{p:.6f}" for p in probs[i]])
 
 
@@ -206,10 +226,11 @@ def uncertainty_report(predictions: dict, num_classes: int, dcg: bool = True,
   Returns:
     {'defer': {name: `metrics.defer_curve`}, 'calibration': {head: `metrics.reliability_curve`}}.
     Defer curves score the diffusion head's predictions by its predictive entropy, by
-    1 − sample agreement and by 1 − the DCG's fused max softmax, and the guidance model's own
-    predictions by 1 − their max softmax. Calibration covers the diffusion head's vote
-    probabilities and mean softmax, and the guidance heads' softmax. Without a diffusion head
-    (ablations 'basic' and 'dcg') only the guidance model's entries are reported.
+    1 − sample agreement, by the entropy of the vote and by 1 − the DCG's fused max softmax,
+    and the guidance model's own predictions by 1 − their max softmax. Calibration covers the
+    diffusion head's vote probabilities and mean softmax, and the guidance heads' softmax.
+    Without a diffusion head (ablations 'basic' and 'dcg') only the guidance model's entries
+    are reported.
   """
   labels = predictions["labels"]
   heads = ("fused", "global", "local") if dcg else ("fused",)
@@ -218,9 +239,10 @@ def uncertainty_report(predictions: dict, num_classes: int, dcg: bool = True,
   fused_confidence = softmax["fused"].max(axis=1)
   defer, calibration = {}, {}
   if diffusion_head:
-    preds = predictions["probs"].argmax(axis=1)
+    preds = predictions["prediction"]
     scores = {"diffusion: entropy": predictions["entropy"],
               "diffusion: 1 - agreement": 1.0 - predictions["agreement"],
+              "diffusion: vote entropy": predictions["vote_entropy"],
               f"diffusion: 1 - {prefix}fused max prob": 1.0 - fused_confidence}
     defer = {name: metrics.defer_curve(score, preds, labels, num_classes)
              for name, score in scores.items()}
@@ -278,10 +300,10 @@ def write_overlays(models, variables, source, predictions: dict, ids, class_name
   ids = list(ids) if ids is not None else [str(i) for i in range(len(labels))]
   paths = []
   for rank, (i, image, aux) in enumerate(zip(chosen, images, auxes)):
-    k = int(predictions["probs"][i].argmax())
+    k = int(predictions["prediction"][i])
     tag = "_wrong" if k != int(labels[i]) else ""
     path = os.path.join(out_dir, f"{split}_{rank:03d}_{_file_stem(ids[i])}{tag}.png")
-    explain.save_overlay(path, image, aux, class_index=k, crop_size=crop_size,
+    explain.save_overlay(path, image, aux, class_index=max(k, 0), crop_size=crop_size,
                          title=explain.title(class_names, predictions, i, labels[i]))
     paths.append(path)
   return paths
@@ -365,9 +387,11 @@ def load_variables(config, workdir: str, checkpoint: str = "best"):
   """Restores a checkpoint for use outside the training loop (no dataset needed).
 
   Args:
-    config: the config the checkpoint was trained with.
+    config: the config the checkpoint was trained with (`load_run` reads it from the workdir).
     workdir: the training workdir.
-    checkpoint: 'best', 'latest' or a step number.
+    checkpoint: 'best', 'latest' or a step number. 'latest' read while the run trains may see
+      its checkpoint deleted by the next save (keep_checkpoints=1): it is then read again at the
+      newest step, up to `LATEST_RETRIES` times.
 
   Returns:
     (models bundle, variables {'guidance', 'denoiser'}) ready for `sampler.sample`; the
@@ -375,12 +399,57 @@ def load_variables(config, workdir: str, checkpoint: str = "best"):
   """
   models = models_lib.create_models(config)
   kind, step = _checkpoint_kind(checkpoint)
-  checkpointer = checkpointing.Checkpointer(workdir, config.training.keep_checkpoints)
-  try:
-    state, _ = checkpointer.restore(kind, step, train_state.abstract_train_state(models, config))
-  finally:
-    checkpointer.close()
+  abstract = train_state.abstract_train_state(models, config)
+  for attempt in range(LATEST_RETRIES + 1):
+    # A fresh manager each time: Orbax caches the list of steps it found when it opened.
+    checkpointer = checkpointing.Checkpointer(workdir, config.training.keep_checkpoints)
+    newest = checkpointer.latest_step(kind) if step is None else step
+    try:
+      state, _ = checkpointer.restore(kind, newest, abstract)
+      break
+    except Exception:  # pylint: disable=broad-except
+      # Only a checkpoint that vanished under us is read again; anything else is raised.
+      if (step is not None or kind != "latest" or attempt == LATEST_RETRIES
+          or newest is None or os.path.isdir(os.path.join(workdir, "checkpoints", str(newest)))):
+        raise
+      logging.warning("checkpoint %s/checkpoints/%d was deleted while it was read (a training "
+                      "run saved a newer one); reading the newest again", workdir, newest)
+    finally:
+      checkpointer.close()
   return models, inference_variables(state, config.optim.eval_with_ema)
+
+
+# How often `load_variables` reads 'latest' again when a training run deletes it meanwhile.
+LATEST_RETRIES = 3
+
+
+def load_run(workdir: str, checkpoint: str = "best"):
+  """A trained run from its workdir alone: the config it was trained with and its variables.
+
+      config, models, variables = diffmic_jax.load_run("runs/demo")
+      sample_fn = sampler.make_sample_fn(models, config.diffusion.sampler,
+                                         config.diffusion.test_steps,
+                                         config.diffusion.predict_num_samples)
+      out = sample_fn(variables, images, jax.random.fold_in(run.eval_key(config), 0))
+
+  With the images of `--mode eval`'s first batch (normalised, padded to
+  training.eval_batch_size) `out` holds that batch's predictions.
+
+  Args:
+    workdir: the training workdir (its config.json, written by training, and checkpoints).
+    checkpoint: 'best', 'latest' or a step number.
+
+  Returns:
+    (config: the run's resolved config, models: the model bundle, variables: for
+    `sampler.sample`, see `load_variables`).
+
+  Raises:
+    errors.UserError: no or unreadable WORKDIR/config.json; FileNotFoundError: no checkpoint.
+  """
+  config = workdir_lib.read_config(os.path.join(workdir, workdir_lib.CONFIG_FILE))
+  run_lib.apply_deprecated_names(config)
+  models, variables = load_variables(config, workdir, checkpoint)
+  return config, models, variables
 
 
 def evaluate_checkpoint(config, workdir: str, split: str = "test", checkpoint: str = "best",
@@ -406,7 +475,7 @@ def evaluate_checkpoint(config, workdir: str, split: str = "test", checkpoint: s
   diffusion_head = run.models.denoiser is not None
   extra = {"split": split, "checkpoint": kind, "step": int(state.step),
            **({"sampler": d.sampler, "steps": d.test_steps,
-               "num_samples": d.predict_num_samples,
+               "num_samples": d.predict_num_samples, "prediction_rule": PREDICTION_RULE,
                "eval_with_ema": bool(config.optim.eval_with_ema)} if diffusion_head else {}),
            "seconds": time.time() - start}
   table = write_report(results, run.splits.class_names, workdir, split, extra)

@@ -96,11 +96,13 @@ def save_overlay(path: str, image, aux: dict, *, class_index: int, crop_size: in
 
 
 def title(names, predictions: dict, i: int, label: int | None = None) -> str:
-  """'<class> (votes 0.88, entropy 0.41; DCG <class> 0.97)' [+ 'true <class>'] of example i."""
-  k = int(predictions["probs"][i].argmax())
+  """'<class> (votes 0.88, vote entropy 0.41; DCG <class> 0.97)' [+ 'true <class>'] of
+  example i: the predicted class (`sampler.vote_prediction`) beside its own vote share."""
+  k = int(predictions["prediction"][i])
   dcg = special.softmax(np.asarray(predictions["fused"][i], np.float64))
-  text = (f"{names[k]} (votes {predictions['vote_probs'][i][k]:.2f}, entropy "
-          f"{predictions['entropy'][i]:.2f}; DCG {names[int(dcg.argmax())]} {dcg.max():.2f})")
+  shown = (f"{names[k]} (votes {predictions['vote_probs'][i][k]:.2f}, vote entropy "
+           f"{predictions['vote_entropy'][i]:.2f}" if k >= 0 else "diverged (no finite sample")
+  text = f"{shown}; DCG {names[int(dcg.argmax())]} {dcg.max():.2f})"
   return text if label is None else f"{text}\ntrue: {names[int(label)]}"
 
 
@@ -131,8 +133,8 @@ def select_examples(predictions: dict, labels, num: int) -> list[int]:
   """Indices of the examples to explain in an evaluation: the most confidently wrong first
   (by the vote share of the wrong class), up to half of `num`, then the first examples in
   split order, `num` in all (fewer if the split is smaller)."""
-  preds = predictions["probs"].argmax(axis=1)
-  confidence = predictions["vote_probs"][np.arange(len(preds)), preds]
+  preds = np.asarray(predictions["prediction"])
+  confidence = np.where(preds >= 0, predictions["vote_probs"][np.arange(len(preds)), preds], 0.0)
   wrong = np.flatnonzero(preds != np.asarray(labels))
   wrong = wrong[np.argsort(-confidence[wrong], kind="stable")][:num // 2]
   chosen = set(wrong.tolist())

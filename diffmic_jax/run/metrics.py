@@ -61,7 +61,7 @@ def per_class(confusion):
           "specificity": ratio(tn, tn + fp)}
 
 
-def classification_metrics(probs, labels, num_classes: int) -> dict:
+def classification_metrics(probs, labels, num_classes: int, predictions=None) -> dict:
   """All metrics of one classifier on one split.
 
   Args:
@@ -70,6 +70,9 @@ def classification_metrics(probs, labels, num_classes: int) -> dict:
       than the label, its probabilities uniform for AUC and ECE.
     labels: [N] integer labels.
     num_classes: C.
+    predictions: [N] the classifier's classes when its rule is not argmax `probs` (the
+      diffusion head's vote, `sampler.vote_prediction`; -1 = none, counted as wrong); the
+      confusion matrix, accuracy, F1, kappa and sensitivities score them, AUC and ECE `probs`.
 
   Returns:
     accuracy, macro/weighted F1, quadratic-weighted kappa, balanced accuracy, macro OvR AUC,
@@ -79,7 +82,8 @@ def classification_metrics(probs, labels, num_classes: int) -> dict:
   labels = np.asarray(labels, np.int64)
   ece = expected_calibration_error(probs, labels)
   probs, finite = _uniform_if_diverged(probs)
-  preds = np.where(finite, probs.argmax(axis=1), (labels + 1) % num_classes)
+  chosen = probs.argmax(axis=1) if predictions is None else np.asarray(predictions, np.int64)
+  preds = np.where(finite & (chosen >= 0), chosen, (labels + 1) % num_classes)
   classes = list(range(num_classes))
   confusion = skm.confusion_matrix(labels, preds, labels=classes)
   f1 = lambda avg: float(skm.f1_score(labels, preds, labels=classes, average=avg, zero_division=0))

@@ -11,6 +11,7 @@ import json
 import os
 import time
 
+import ml_collections
 from absl import logging
 
 from diffmic_jax.platform import errors
@@ -176,3 +177,89 @@ def truncate_metrics(workdir: str, step: int) -> set[int]:
         rows.append(row)
   files.write_text(path, "".join(json.dumps(r) + "\n" for r in rows))
   return {r["step"] for r in rows if is_validation_row(r)}
+
+
+# Fields that an evaluation or prediction may set apart from the run's config.json: they change
+# how the trained model is run (batching, sampler, samples, their PRNG seed, the EMA or raw
+# weights) or only how it was trained (optimiser, schedule, augmentation, initial weights), never
+# the model or the preprocessing of its images. A field ending in '.' covers its whole group.
+EVAL_MAY_DIFFER = frozenset({
+    "seed", "training.", "optim.",
+    "data.num_workers", "data.data_dir", "data.manual_dir", "data.hflip", "data.vflip",
+    "data.rotation_degrees", "data.class_balanced",
+    "guidance.pretrained", "guidance.pretrain_epochs", "guidance.joint_train", "guidance.loss",
+    "guidance.lr", "guidance.amsgrad", "guidance.b1", "guidance.b2", "guidance.eps",
+    "model.encoder_pretrained", "model.cond_dropout", "model.conv_impl",
+    "diffusion.mmd_weight", "diffusion.mmd_kernel", "diffusion.sampler", "diffusion.test_steps",
+    "diffusion.val_sampler", "diffusion.val_steps", "diffusion.test_timesteps",
+    "diffusion.val_timesteps", "diffusion.num_samples", "diffusion.predict_num_samples",
+})
+
+
+def _as_tuples(value):
+  """JSON lists back to the tuples the configs use (hashable, as the model fields need)."""
+  if isinstance(value, dict):
+    return {k: _as_tuples(v) for k, v in value.items()}
+  if isinstance(value, list):
+    return tuple(_as_tuples(v) for v in value)
+  return value
+
+
+def read_config(path: str):
+  """A resolved config written by training (DIR/config.json) as an unlocked ConfigDict.
+
+  Raises:
+    errors.UserError: the file is missing, unreadable or not a JSON object, naming it.
+  """
+  try:
+    with open(path, encoding="utf-8") as f:
+      payload = json.load(f)
+  except FileNotFoundError as e:
+    raise errors.UserError(f"{path}: no such file; expected the config.json that training "
+                           "writes into its workdir (or pass --config)") from e
+  except (OSError, ValueError) as e:
+    raise errors.UserError(f"{path}: unreadable ({e}); expected the JSON config a training "
+                           "run writes") from e
+  if not isinstance(payload, dict) or not payload:
+    raise errors.UserError(f"{path}: expected a JSON object of config fields, got "
+                           f"{type(payload).__name__}")
+  return ml_collections.ConfigDict(_as_tuples(payload))
+
+
+def eval_mismatches(saved: dict, new: dict) -> list[str]:
+  """Fields on which an evaluation's config differs from the run's in a way that changes the
+  model or the preprocessing of its images (not in `EVAL_MAY_DIFFER`).
+
+  Args:
+    saved, new: configs as JSON dicts; fields missing from either are not compared.
+
+  Returns:
+    'field (run's value -> new value)' for each, sorted.
+  """
+  saved_flat, new_flat = trees.flatten_dicts(saved, "."), trees.flatten_dicts(new, ".")
+  differ = []
+  for field in sorted(set(saved_flat) & set(new_flat)):
+    free = field in EVAL_MAY_DIFFER or any(
+        field.startswith(group) for group in EVAL_MAY_DIFFER if group.endswith("."))
+    if not free and saved_flat[field] != new_flat[field]:
+      differ.append(f"{field} ({saved_flat[field]!r} -> {new_flat[field]!r})")
+  return differ
+
+
+def check_eval_config(config, workdir: str) -> None:
+  """Refuses to evaluate or predict with a config that disagrees with the run's config.json on
+  a field that changes the model or the preprocessing (nothing to check without the file).
+
+  Raises:
+    errors.UserError: listing the fields.
+  """
+  path = os.path.join(workdir, CONFIG_FILE)
+  if not os.path.isfile(path):
+    return
+  saved = json.loads(read_config(path).to_json_best_effort())
+  differ = eval_mismatches(saved, json.loads(config.to_json_best_effort()))
+  if differ:
+    raise errors.UserError(
+        f"{path}: this run was trained with other values of fields that change the model or "
+        f"its image preprocessing: {', '.join(differ)}; leave out --config (the run's "
+        "config.json is used) or set them as trained")
