@@ -154,6 +154,14 @@ def test_odd_file_names_and_unreadable_folders_are_kept_and_listed(trained, tiny
 def test_rows_are_written_as_batches_finish(trained, tiny_config, tmp_path, monkeypatch):
   _test_split_folder(tiny_config(), trained, tmp_path / "in")
   monkeypatch.setattr(predict, "CHUNK_BATCHES", 1)
+  # Batch by batch, each batch keeps its key: still exactly --mode eval's probabilities.
+  predict.predict_files(tiny_config(), trained, str(tmp_path / "in"), str(tmp_path / "whole"))
+  evaluated = _read(os.path.join(trained, "eval", "test_predictions.csv"))
+  rows = _read(tmp_path / "whole" / "predictions.csv")
+  assert len(rows) == len(evaluated) > tiny_config().training.eval_batch_size
+  for mine, theirs in zip(rows, evaluated):
+    assert [v for k, v in mine.items() if k.startswith("p_")] == [
+        v for k, v in theirs.items() if k.startswith("p_")]
   calls = []
   real = evaluate.predict
   def crash_on_second(*args, **kwargs):

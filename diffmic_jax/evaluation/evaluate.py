@@ -430,7 +430,7 @@ def load_run(workdir: str, checkpoint: str = "best"):
       sample_fn = sampler.make_sample_fn(models, config.diffusion.sampler,
                                          config.diffusion.test_steps,
                                          config.diffusion.predict_num_samples)
-      out = sample_fn(variables, images, jax.random.fold_in(run.eval_key(config), 0))
+      out = sample_fn(variables, images, jax.random.fold_in(run_lib.eval_key(config), 0))
 
   With the images of `--mode eval`'s first batch (normalised, padded to
   training.eval_batch_size) `out` holds that batch's predictions.
