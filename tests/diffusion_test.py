@@ -97,6 +97,22 @@ def test_antithetic_timesteps_pair_up():
   np.testing.assert_array_equal(t[4:7], 999 - t[0:3])
 
 
+def test_diffusion_draws_are_the_steps_documented_draws():
+  """One key gives t (antithetic, from the key's second half) and one ε (its first half), the
+  draws the joint step used before they became injectable: same key, same run."""
+  key = jax.random.PRNGKey(3)
+  draws = diffusion.diffusion_draws(key, 5, 7, 1000)
+  assert set(draws) == {"t", "e"} and draws["e"].shape == (5, 7) and draws["t"].shape == (5,)
+  t = np.asarray(draws["t"])
+  np.testing.assert_array_equal(t[3:], 999 - t[:2])
+  first, second = jax.random.split(key)
+  np.testing.assert_array_equal(t, diffusion.antithetic_timesteps(second, 5, 1000))
+  np.testing.assert_array_equal(draws["e"], jax.random.normal(first, (5, 7)))
+  dropped = diffusion.diffusion_draws(key, 5, 7, 1000, cond_dropout=0.5)
+  assert dropped["drop"].shape == (5,) and dropped["drop"].dtype == bool
+  np.testing.assert_array_equal(dropped["e"], draws["e"])
+
+
 @pytest.mark.parametrize("name,steps,expected", [
     ("official_truncated", 4, (3, 2, 1, 0)),
     ("full", 4, tuple(range(9, -1, -1))),

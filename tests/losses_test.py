@@ -86,7 +86,8 @@ def test_conditioning_dropout_reaches_the_objective(tiny_config):
               enumerate(("fused", "global", "local"))}
     den = variables["denoiser"]
     results[p] = losses.diffusion_objective(bundle, den["params"], den["batch_stats"], images,
-                                            labels, logits, jax.random.PRNGKey(2))[0]
+                                            labels, logits,
+                                            losses.draws(bundle, jax.random.PRNGKey(2), 8))[0]
   assert float(results[0.0]) != pytest.approx(float(results[0.9]), rel=1e-4)
   config.model.cond_dropout = 1.0
   with pytest.raises(ValueError, match="model.cond_dropout"):

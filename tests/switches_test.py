@@ -170,7 +170,8 @@ def test_mmd_kernel_switch_reaches_the_objective(tiny_config, kernel, scales):
 
   with nn.intercept_methods(interceptor):
     loss, (_, aux) = losses.diffusion_objective(bundle, d["params"], d["batch_stats"], images,
-                                                labels, logits, jax.random.PRNGKey(2))
+                                                labels, logits,
+                                                losses.draws(bundle, jax.random.PRNGKey(2), 4))
   # ε, drawn from the objective key's first half (the objective's documented key use).
   noise = np.asarray(jax.random.normal(jax.random.split(jax.random.PRNGKey(2))[0], (4, 4)),
                      np.float64)

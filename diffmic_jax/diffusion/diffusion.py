@@ -126,7 +126,36 @@ def q_sample(schedule: Schedule, y0, prior_mean, t, noise):
 def antithetic_timesteps(key, batch_size: int, num_timesteps: int):
   """Antithetic t (official): t' ~ U{0..T−1} of size ⌊B/2⌋+1, t = [t', T−1−t'][:B]. -> [B] int32."""
   half = jax.random.randint(key, (batch_size // 2 + 1,), 0, num_timesteps)
+  return antithetic_pairs(half, batch_size, num_timesteps)
+
+
+def antithetic_pairs(half, batch_size: int, num_timesteps: int):
+  """The official pairing of a uniform draw t' [⌊B/2⌋+1]: t = [t', T−1−t'][:B] -> [B] int32."""
   return jnp.concatenate([half, num_timesteps - 1 - half])[:batch_size].astype(jnp.int32)
+
+
+def diffusion_draws(key, batch_size: int, num_classes: int, num_timesteps: int,
+                    cond_dropout: float = 0.0) -> dict:
+  """Every random draw of one joint training step, from one key (the official step draws t
+  and ε only; `drop` exists only with conditioning dropout, an option of ours).
+
+  Args:
+    key: the step's PRNG key.
+    batch_size: B; num_classes: C; num_timesteps: T.
+    cond_dropout: probability that an example's conditioning ŷ is hidden (0: no `drop`).
+
+  Returns:
+    {'t': [B] int32 antithetic timesteps (from the key's second half), 'e': [B, C] float32
+    ε ~ N(0, I) shared by the three noising streams (from its first half), and with
+    cond_dropout > 0 'drop': [B] bool (from fold_in(key, 2))}. A harness may pass its own
+    pytree of the same structure to the step instead.
+  """
+  key_noise, key_t = jax.random.split(key)
+  draws = {"t": antithetic_timesteps(key_t, batch_size, num_timesteps),
+           "e": jax.random.normal(key_noise, (batch_size, num_classes), jnp.float32)}
+  if cond_dropout > 0:
+    draws["drop"] = jax.random.bernoulli(jax.random.fold_in(key, 2), cond_dropout, (batch_size,))
+  return draws
 
 
 def predict_y0(schedule: Schedule, y_t, prior_mean, eps_pred, t):

@@ -64,7 +64,13 @@ def diffusion_loss(noise, eps_fused, eps_global, eps_local, *, mmd_weight: float
   return mse + mmd_weight * (mmd_g + mmd_l), {"mse": mse, "mmd_global": mmd_g, "mmd_local": mmd_l}
 
 
-def diffusion_objective(models, params, batch_stats, images, labels, logits, key):
+def draws(models, key, batch_size: int) -> dict:
+  """The joint step's random draws for the bundle (`diffusion.diffusion_draws`)."""
+  return diffusion.diffusion_draws(key, batch_size, models.num_classes, models.num_timesteps,
+                                   models.cond_dropout)
+
+
+def diffusion_objective(models, params, batch_stats, images, labels, logits, step_draws):
   """The official objective (§5.4): three noising streams sharing ε and t, ρ(x) computed once.
 
   Args:
@@ -72,7 +78,8 @@ def diffusion_objective(models, params, batch_stats, images, labels, logits, key
     params, batch_stats: the denoiser's variables (differentiated with respect to params).
     images: [B, H, W, 3]; labels: [B] int.
     logits: {'fused', 'global', 'local'}: [B, C] eval-mode guidance logits (not differentiated).
-    key: PRNG key of ε and t (and of the conditioning dropout when models.cond_dropout > 0).
+    step_draws: the step's random draws, `draws(models, key, B)`: {'t', 'e'} (and 'drop' when
+      models.cond_dropout > 0); the objective draws nothing itself.
 
   Returns:
     (loss [], (updated batch_stats, {'mse', 'mmd_global', 'mmd_local', 'mse_band0'..'mse_band3'}));
@@ -80,15 +87,12 @@ def diffusion_objective(models, params, batch_stats, images, labels, logits, key
     [0, T) (0 when the batch has none).
   """
   schedule = models.schedule()
-  key_noise, key_t = jax.random.split(key)
-  noise = jax.random.normal(key_noise, logits["fused"].shape, jnp.float32)
-  t = diffusion.antithetic_timesteps(key_t, labels.shape[0], models.num_timesteps)
+  noise, t = step_draws["e"], step_draws["t"]
   y0 = jax.nn.one_hot(labels, models.num_classes, dtype=jnp.float32)
   inputs = diffusion.stream_inputs(models.prior, models.conditioning,
                                    jax.lax.stop_gradient(logits))
   if models.cond_dropout > 0:
-    drop = jax.random.bernoulli(jax.random.fold_in(key, 2), models.cond_dropout, t.shape)
-    inputs = {name: (mean, drop_conditioning(cond, drop, models.num_classes))
+    inputs = {name: (mean, drop_conditioning(cond, step_draws["drop"], models.num_classes))
               for name, (mean, cond) in inputs.items()}
   streams = ("fused", "global", "local") if models.mmd_weight > 0 else ("fused",)
   apply = lambda stats, *args, method: models.denoiser.apply(

@@ -83,7 +83,11 @@ def after(x, token):
 
 
 def make_train_steps(models, config, guidance_tx, denoiser_tx, lr_schedule, joint_start: int):
-  """Returns {'warmup' | 'classifier' | 'joint': step(state, batch) -> (state, metrics)}."""
+  """Returns {'warmup' | 'classifier' | 'joint': step(state, batch) -> (state, metrics)} and
+  'joint_draws': step(state, batch, draws) -> (state, metrics), the joint step's body with its
+  random draws given (`losses.draws` structure); 'joint' draws them from
+  fold_in(state.key, state.step), so a harness can feed another framework's draws to the same
+  body."""
   loss_terms = config.guidance.loss
   joint_train = config.guidance.joint_train
   ema_decay = config.optim.ema_decay
@@ -93,14 +97,13 @@ def make_train_steps(models, config, guidance_tx, denoiser_tx, lr_schedule, join
                                               state.guidance_opt, batch["image"], batch["label"])
     return state.replace(step=state.step + 1, guidance=guidance, guidance_opt=opt), metrics
 
-  def joint_step(state, batch):
+  def joint_update(state, batch, draws):
     images, labels = batch["image"], batch["label"]
-    key = jax.random.fold_in(state.key, state.step)
     logits, _ = models.guidance.apply(state.guidance, images, train=False)
     params = state.denoiser["params"]
     grad_fn = jax.value_and_grad(losses.diffusion_objective, argnums=1, has_aux=True)
     (loss, (stats, aux)), grads = grad_fn(models, params, state.denoiser["batch_stats"], images,
-                                          labels, logits, key)
+                                          labels, logits, draws)
     updates, denoiser_opt = denoiser_tx.update(grads, state.denoiser_opt, params)
     params = optax.apply_updates(params, updates)
     metrics = {"loss": loss, **aux, "grad_norm": optax.tree.norm(grads),
@@ -120,8 +123,13 @@ def make_train_steps(models, config, guidance_tx, denoiser_tx, lr_schedule, join
       metrics.update(dcg_metrics)
     return state, metrics
 
+  def joint_step(state, batch):
+    key = jax.random.fold_in(state.key, state.step)
+    return joint_update(state, batch, losses.draws(models, key, batch["label"].shape[0]))
+
   # The DCG warm-up and the basic ablation's classifier training are the same guidance step.
-  return {"warmup": guidance_step, "classifier": guidance_step, "joint": joint_step}
+  return {"warmup": guidance_step, "classifier": guidance_step, "joint": joint_step,
+          "joint_draws": joint_update}
 
 
 def jit_step(step_fn, mesh):
