@@ -35,6 +35,8 @@ T=1000, ResNet-50 DCG trunks, ResNet-18 ρ(x)), float32, one thread.
   independent float32 implementations each within s of the exact result differ by up to 2s,
   and s is one sample of a rounding error, whose size varies by about ×2 between samples:
   FACTOR = 4. FLOOR (float32 unit roundoff 2^-24) applies where the official code is exact.
+  The scalar outputs (loss terms, gradient norm, DCG loss) each carry one sample of a rounding
+  error, so their s is at least the spread pooled over all of them.
 * Then --iterations consecutive iterations cycling through --num-batches batches: per-iteration
   loss terms of the three runs and the parameter drift (‖θ_k − θ_0‖ and the distance between
   runs on a strided subsample of every parameter tensor), in the JSON and a PNG, and the full
@@ -65,7 +67,7 @@ if _REPO not in sys.path:
 
 FACTOR = 4.0
 FLOOR = 2.0 ** -24
-LOSS_POOL = "loss_"  # loss scalars (groups loss_*) share a pooled spread (see compare_arrays)
+SCALARS = "_scalars"  # snapshots of scalar outputs share a pooled spread (see compare_arrays)
 STRIDE = 499  # drift subsample: every STRIDE-th element of each flattened tensor
 LR_EPOCH = 100  # official schedule position of the first compared iteration (epoch + i / len)
 STEPS_PER_EPOCH = 110  # ISIC: ceil(7011 / 64)
@@ -87,6 +89,9 @@ def parse_args(argv=None):
                  help="official config, relative to --official-dir")
   p.add_argument("--config", default="configs/ham10000.py", help="our config (paper HAM10000)")
   p.add_argument("--seed", type=int, default=1234, help="torch seed of models, data and draws")
+  p.add_argument("--conv-impl", default=None,
+                 help="our config.model.conv_impl (default: the config's, 'auto': on CPU "
+                      "Winograd / im2col / patch matmuls where faster, see nn/fast_conv.py)")
   p.add_argument("--threads", type=int, default=1, help="threads of both frameworks (default 1)")
   p.add_argument("--official-commit", default=None)
   p.add_argument("--keep-records", default=None,
@@ -375,6 +380,8 @@ def our_setup(a, init):
   """`our_training` for the harness's config and batch."""
   config = load_config(a.config)
   config.training.batch_size = a.batch
+  if a.conv_impl:
+    config.model.conv_impl = a.conv_impl
   return our_training(config, init["model"], init["dcg"])
 
 
@@ -569,24 +576,25 @@ def compare_arrays(fetch, keys_of, init_ours, groups):
                       "spread_official32_vs_64": _relative(err["sq_spread"], err["sq_norm"]),
                       "norm_official64": math.sqrt(err["sq_norm"])})
     rows.append({
-        "stage": stage, "group": group, "tensors": len(keys),
+        "stage": stage, "group": group, "snapshot": snap, "tensors": len(keys),
         "max_abs_vs_official32": max_abs,
         "rel_vs_official32": _relative(total["sq_vs_official32"], total["sq_norm"]),
         "rel_vs_official64": _relative(total["sq_vs_official64"], total["sq_norm"]),
         "spread_official32_vs_64": _relative(total["sq_spread"], total["sq_norm"]),
         "norm_official64": math.sqrt(total["sq_norm"]), "_total": total,
         "compared": "change from the initial state" if as_change else "value"})
-  # A loss scalar's own spread is a single, possibly lucky, sample of a float32 rounding
-  # error: the yardstick of every loss scalar is at least the pooled spread of all of them.
+  # A scalar's own spread is a single, possibly lucky, sample of a float32 rounding error: the
+  # yardstick of every scalar output (loss terms, gradient norm, DCG loss: the snapshots named
+  # *_scalars) is at least the pooled spread of all of them.
   pooled = [0.0, 0.0]
   for r in rows:
-    if r["group"].startswith(LOSS_POOL):
+    if r["snapshot"].endswith(SCALARS):
       pooled[0] += r["_total"]["sq_spread"]
       pooled[1] += r["_total"]["sq_norm"]
   for r in rows:
     del r["_total"]
     yardstick = r["spread_official32_vs_64"]
-    if r["group"].startswith(LOSS_POOL):
+    if r["snapshot"].endswith(SCALARS):
       yardstick = max(yardstick, _relative(*pooled))
     r["tolerance"] = FACTOR * max(yardstick, FLOOR)
     r["passed"] = r["rel_vs_official64"] <= r["tolerance"]
@@ -756,6 +764,7 @@ def main(argv=None):
       "wall_seconds": wall,
       "config": {"official": a.official_config, "ours": a.config, "batch": a.batch,
                  "iterations": a.iterations, "num_batches": a.num_batches, "seed": a.seed,
+                 "conv_impl": a.conv_impl or "config default",
                  "lr_epoch": LR_EPOCH, "steps_per_epoch": STEPS_PER_EPOCH},
       "tolerance": {"factor": FACTOR, "floor": FLOOR,
                     "rule": "per group, normwise over its tensors: ‖ours − off64‖/‖off64‖ <= "
