@@ -3,7 +3,8 @@
 side by side from one state with one batch and the same random draws, tensor for tensor.
 
 The official code is imported from a folder outside this repository by
-experiments/fidelity/official_code.py (the same patches and import stubs as experiments/speed/official_timing.py)
+experiments/fidelity/official_code.py (the same patches and import stubs as
+experiments/speed/official_timing.py)
 and runs its own iteration: `official_warmup_step` (the DCG pre-training loop body,
 `nonlinear_guidance_model_train_step` with the AMSGrad aux optimiser) and
 `official_train_iteration` (the `Diffusion.train()` epoch-loop body: DCG eval forward, antithetic
@@ -79,7 +80,8 @@ def parse_args(argv=None):
   p.add_argument("--official-dir", required=True,
                  help="the official repository's tree, outside this repository")
   p.add_argument("--extra-path", default=None,
-                 help="a folder put first on sys.path (e.g. torchvision installed with pip --target)")
+                 help="a folder put first on sys.path (e.g. torchvision installed with "
+                      "pip --target)")
   p.add_argument("--batch", type=int, default=4, help="batch size (default 4)")
   p.add_argument("--iterations", type=int, default=20,
                  help="consecutive joint iterations (default 20; the first is the one-step check)")
@@ -673,8 +675,9 @@ def main(argv=None):
   a = parse_args(argv)
   a.official_dir = os.path.abspath(a.official_dir)
   check_inputs(a)
+  multi = "false" if a.threads == 1 else "true"
   os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
-                             f" --xla_cpu_multi_thread_eigen={'false' if a.threads == 1 else 'true'}"
+                             f" --xla_cpu_multi_thread_eigen={multi}"
                              f" intra_op_parallelism_threads={a.threads}").strip()
   import numpy as np  # pylint: disable=g-import-not-at-top
   import torch  # pylint: disable=g-import-not-at-top

@@ -23,8 +23,8 @@ feature width 6144, T=1000, float32; random input tensors, random labels):
   with the AMSGrad aux optimiser), as in the official pre-training loop;
 * a [32, 6144] x [6144, 6144] float32 torch.mm probe.
 
-The official code is imported, and its iterations run, by experiments/fidelity/official_code.py (shared
-with experiments/fidelity/official_training_parity.py): only the two CPU patches of
+The official code is imported, and its iterations run, by experiments/fidelity/official_code.py
+(shared with experiments/fidelity/official_training_parity.py): only the two CPU patches of
 shared/spec/PERF_ANCHOR.md are applied, at import time (the official files are not edited); see
 official_code.PATCHES and official_code.IMPORT_STUBS.
 
@@ -55,7 +55,7 @@ if _REPO not in sys.path:
   sys.path.insert(0, _REPO)
 from diffmic_jax.platform import files  # pylint: disable=g-import-not-at-top,wrong-import-position
 from diffmic_jax.platform import host  # pylint: disable=g-import-not-at-top,wrong-import-position
-from experiments.fidelity import official_code  # pylint: disable=g-import-not-at-top,wrong-import-position
+from experiments.fidelity import official_code  # pylint: disable=g-import-not-at-top,wrong-import-position,line-too-long
 
 def ru_maxrss_bytes():
   return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
@@ -256,7 +256,8 @@ def main():
       label = f"training {stage} batch {batch}"
       print(label, flush=True)
       if stage == "warmup":
-        fn = lambda ph: official_code.official_warmup_step(off, runner, config, state, x, y)  # noqa: E731
+        fn = lambda ph: official_code.official_warmup_step(  # noqa: E731
+            off, runner, config, state, x, y)
       elif stage == "joint":
         fn = lambda ph: official_code.official_train_iteration(  # noqa: E731
             off, runner, model, config, args, state, x, y, ph)
