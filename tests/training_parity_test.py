@@ -75,7 +75,7 @@ def _prefixed(arrays, prefix):
 
 def run_ours(fixture):
   """Our warm-up step, then two joint iterations (continuing), from the fixture's initial
-  state, batches and draws -> ({run: {snapshot: {key: array}}} with ours added, init)."""
+  state, batches and draws -> ({snapshot: {key: array}}, the initial state's {key: array})."""
   cfg = training_config()
   models, _, state, warmup, joint, _ = harness.our_training(
       cfg, _prefixed(fixture, "init/denoiser/"), _prefixed(fixture, "init/dcg/"))
