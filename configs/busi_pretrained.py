@@ -15,7 +15,10 @@ the official code. 64×64 images give the trunk a 2×2 saliency grid; the local 
       --config.seed=0
 
 `--config.guidance.init_from=` trains the same model from scratch (the study's baseline).
-Time and result: experiments/accuracy/README.md ("Paper regime in miniature"), 2-core AMD EPYC (Zen 4).
+Time: 1.5-2 minutes for `basic` and `dcg`, 3.5 for `c2` and `full`, on the 2-core AMD EPYC
+(Zen 4, AVX-512) beside other jobs. Result (test, 119 images, seeds 0-2): full model, diffusion
+head macro-F1 0.530 ± 0.012, its DCG 0.595 ± 0.026; `basic` 0.592 ± 0.012 (from scratch: 0.503,
+0.554, 0.594); experiments/accuracy/README.md, "Paper regime in miniature".
 """
 
 import os

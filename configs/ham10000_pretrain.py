@@ -14,8 +14,9 @@ the rest selects the checkpoint.
   python -m diffmic_jax.main --config configs/ham10000_pretrain.py \
       --workdir runs/ham10000_pretrain --config.seed=0
 
-Time and result: see experiments/accuracy/README.md ("Paper regime in miniature"), measured on the
-2-core AMD EPYC (Zen 4, AVX-512).
+Time: 13 minutes (1,064 steps of 64 and the evaluations) on the 2-core AMD EPYC (Zen 4,
+AVX-512), beside other jobs. Result (seed 0, the held-out 1,001 images): accuracy 0.742,
+macro-F1 0.417 (experiments/accuracy/README.md, "Paper regime in miniature").
 """
 
 import os

@@ -8,7 +8,10 @@ local branch). Fewer joint epochs than BUSI: 2.5 times as many training images p
   python -m diffmic_jax.main --config configs/retinamnist_pretrained.py \
       --workdir runs/retinamnist_pretrained --config.seed=0
 
-Time and result: experiments/accuracy/README.md ("Paper regime in miniature"), 2-core AMD EPYC (Zen 4).
+Time: 1.3-2 minutes for `basic` and `dcg`, 4 for `c2` and `full`, on the 2-core AMD EPYC
+(Zen 4, AVX-512) beside other jobs. Result (test, 400 images, seeds 0-2): full model, diffusion
+head macro-F1 0.295 ± 0.031, its DCG 0.333 ± 0.014; `basic` 0.330 ± 0.011 (from scratch: 0.286,
+0.301, 0.350); experiments/accuracy/README.md, "Paper regime in miniature".
 """
 
 from configs import busi_pretrained
