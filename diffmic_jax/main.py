@@ -136,7 +136,7 @@ def main(argv) -> None:
 
 
 # The repository's root (holding configs/) when the package runs from a checkout.
-_REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+_REPO_ROOT = os.path.dirname(os.path.dirname(os.path.realpath(__file__)))
 
 
 class _ConfigParser(flags.ArgumentParser):

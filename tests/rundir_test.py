@@ -41,8 +41,8 @@ def run48(tiny_config, tmp_path_factory):
   return workdir, final_test
 
 
-def _main(*args, cwd):
-  env = {**os.environ, "PYTHONPATH": conftest.REPO}
+def _main(*args, cwd, pythonpath=conftest.REPO):
+  env = {**os.environ, "PYTHONPATH": pythonpath}
   return subprocess.run([sys.executable, "-m", "diffmic_jax.main", *args], cwd=cwd, env=env,
                         capture_output=True, text=True, timeout=600)
 
@@ -161,12 +161,20 @@ def test_load_run_reproduces_eval_mode(run48):
 
 
 def test_configs_load_from_any_directory(tmp_path):
+  # As an installed package: diffmic_jax importable, the repository root not on the path (a
+  # bare `import configs` fails), run from another directory.
+  site = tmp_path / "site"
+  site.mkdir()
+  os.symlink(os.path.join(conftest.REPO, "diffmic_jax"), site / "diffmic_jax")
   copy = tmp_path / "mine.py"
   shutil.copy(os.path.join(conftest.REPO, "configs", "test.py"), copy)
   for config in (os.path.join(conftest.REPO, "configs", "test.py"), str(copy)):
-    proc = _main("--config", config, "--mode", "summary", cwd=tmp_path)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert json.loads(proc.stdout)["image_size"] == 32
+    # The config loads (its `from configs import default` resolves); the command then stops at
+    # the first check after loading, the missing workdir.
+    proc = _main("--config", config, "--mode", "eval", "--workdir", "nowhere", cwd=tmp_path,
+                 pythonpath=str(site))
+    assert proc.returncode == 1 and "error: --workdir nowhere: no such directory" in proc.stderr, \
+        proc.stderr[-3000:]
   for args, expected in (
       (["--config", "missing.py", "--mode", "summary"], "--config missing.py: no such file"),
       (["--mode", "summary"], "--config is required for --mode summary"),
