@@ -37,7 +37,7 @@ PROTOCOL = {
     "c2": ["--config.ablation=c2"],
     "full": ["--config.ablation=full"],
 }
-# One change each against the config's full model (issue 9's levers).
+# One change each against the config's full model (the levers of README.md, "Levers").
 LEVERS = {
     "full_s1": ["--config.diffusion.num_samples=1"],
     "full_s50": ["--config.diffusion.num_samples=50"],
