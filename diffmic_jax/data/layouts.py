@@ -267,8 +267,18 @@ def list_image_folder(root: str, class_names: Sequence[str], problems: Problems)
 
 
 def _walk_images(folder: str) -> list[str]:
+  """Image files under `folder`, recursively, in a stable order.
+
+  Raises:
+    BadInputError: a folder that cannot be read (its images would be missing silently).
+  """
+  def refuse(error: OSError):
+    raise BadInputError(f"{printable(error.filename or folder)}: cannot read the folder "
+                        f"({error.strerror}); expected readable image folders (fix its "
+                        "permissions or move it out of the dataset)") from error
+
   paths = []
-  for dirpath, dirnames, filenames in os.walk(folder):
+  for dirpath, dirnames, filenames in os.walk(folder, onerror=refuse):
     dirnames.sort()
     paths += [os.path.join(dirpath, f) for f in sorted(filenames)
               if os.path.splitext(f)[1].lower() in images.IMAGE_EXTENSIONS]
@@ -281,11 +291,14 @@ def list_manifest(manifest: str, root: str, class_names: Sequence[str],
   `root` is '', the manifest's folder. Labels are class names (strings)."""
   rows = read_csv(manifest, ("path", "label"))
   base = root or os.path.dirname(os.path.abspath(manifest))
-  names = _resolve_class_names([r["label"] for r in rows], class_names)
+  names = _resolve_class_names([r["label"] for r in rows if r["label"]], class_names)
   records, seen = [], set()
   for i, row in enumerate(rows):
     where = f"{manifest} (row {i + 2}, {row['path']})"
     split = row.get("split", "").lower()
+    if not row["label"]:
+      problems.report(where, "empty label; expected a class name")
+      continue
     if row["label"] not in names:
       problems.report(where, f"unknown label {row['label']!r}; expected one of {list(names)}")
       continue
