@@ -9,8 +9,10 @@ environment variables that `distributed.initialize` reads. On this CPU each proc
 CPU device and the processes talk through gloo; on a host with several GPUs,
 `--gpus_per_process K` gives process i the GPUs iK..iK+K-1 (CUDA_VISIBLE_DEVICES).
 
-The launcher forwards SIGINT and SIGTERM to every process and kills those still running
-`--grace_seconds` later (jax.distributed catches SIGTERM as a preemption notice and carries on).
+The launcher forwards SIGINT and SIGTERM to every process: a training run saves a checkpoint at
+a step boundary all processes agree on and exits with 128 + the signal number
+(`distributed.StopSignals`); once the first process has ended, those still running are killed
+`--grace_seconds` later. A scheduler's SIGKILL of the launcher kills every process with it.
 When a process exits with an error (or is killed), the others are stopped too (SIGTERM, then
 SIGKILL after the grace period), the launcher names the process that failed and exits non-zero:
 a peer would otherwise wait forever in a collective for the process that died (a failing
@@ -100,16 +102,18 @@ class Launcher:
       self.kill_at = time.monotonic() + self.grace_seconds
 
   def forward(self, signum, frame) -> None:
-    """Signal handler: passes SIGINT/SIGTERM on, and stops the run."""
+    """Signal handler: passes SIGINT/SIGTERM on; the processes save and stop (no SIGKILL
+    until one of them has ended)."""
     del frame
     self.signalled = signum
-    self._stop(signum)
+    self.send(signum)
 
   def wait(self) -> int:
     """Waits until every process has ended; returns the launcher's exit status.
 
     The first process to end with an error is named, and the others are stopped: SIGTERM,
-    then SIGKILL after the grace period (jax.distributed catches SIGTERM and carries on).
+    then SIGKILL after the grace period. After a forwarded signal, the processes still running
+    when the first one ends are killed after the grace period.
     """
     exits = queue.Queue()
     for i, proc in enumerate(self.procs):
@@ -123,6 +127,8 @@ class Launcher:
       except queue.Empty:
         continue
       self.exited[i] = code
+      if self.signalled is not None and self.kill_at is None:  # the first to stop on a signal
+        self.kill_at = time.monotonic() + self.grace_seconds
       if code != 0 and first_failure is None and self.signalled is None:
         first_failure = i
         print(f"error: process {i} (pid {self.procs[i].pid}) {_describe(code)}; stopping the "
@@ -154,10 +160,11 @@ def _parse(argv: list[str]):
   parser.add_argument("--grace_seconds", type=float, default=5.0,
                       help="how long stopped processes get before SIGKILL.")
   args = parser.parse_args(own)
-  if args.num_processes < 1:
-    parser.error(f"--num_processes={args.num_processes}; expected >= 1")
-  if args.gpus_per_process < 0:
-    parser.error(f"--gpus_per_process={args.gpus_per_process}; expected >= 0")
+  for name, value, low in (("num_processes", args.num_processes, 1),
+                           ("gpus_per_process", args.gpus_per_process, 0)):
+    if value < low:  # a bad value, like every user error of the package: one line, status 1
+      print(f"error: --{name}={value}; expected >= {low}", file=sys.stderr)
+      sys.exit(1)
   return args, forwarded
 
 

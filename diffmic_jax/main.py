@@ -133,6 +133,10 @@ def main(argv) -> None:
     except USER_ERRORS as e:
       print(f"error: {e}", file=sys.stderr)
       sys.exit(1)
+    except errors.Preempted as e:  # SIGTERM/SIGINT during training: saved, then stopped
+      if jax.process_index() == 0:
+        print(f"preempted: {e}", file=sys.stderr)
+      sys.exit(e.exit_status)
 
 
 # The repository's root (holding configs/) when the package runs from a checkout.

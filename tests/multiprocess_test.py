@@ -95,19 +95,24 @@ def one_process_two_devices(tmp_path_factory):
 
 def test_two_processes_killed_and_resumed_match_one_process_with_two_devices(
     one_process_two_devices, tmp_path):
-  # Kill every process (SIGTERM to the launcher, as a scheduler does) once the step-8
-  # checkpoint exists, in the middle of the first joint epoch.
+  # Preempt the run (SIGTERM to the launcher, as a scheduler does) once the step-8 checkpoint
+  # exists, in the middle of the first joint epoch: both processes save the step they agree
+  # on and stop with 128 + SIGTERM.
   proc = _launch(tmp_path, start_new_session=True)
   checkpoint = tmp_path / "checkpoints" / "8"
   deadline = time.monotonic() + 600
   while not checkpoint.is_dir() and proc.poll() is None and time.monotonic() < deadline:
     time.sleep(0.2)
   os.kill(proc.pid, signal.SIGTERM)
-  output, _ = proc.communicate(timeout=120)
+  output, _ = proc.communicate(timeout=300)
   assert proc.returncode == 128 + signal.SIGTERM, output[-3000:]
-  assert "launcher received SIGTERM" in output
+  assert "launcher received SIGTERM" in output and "Traceback" not in output, output[-3000:]
   stopped_at = checkpointing.Checkpointer(str(tmp_path)).all_steps()
-  assert 8 in stopped_at and _LAST_STEP not in stopped_at, stopped_at  # killed mid-training
+  assert 8 in stopped_at and _LAST_STEP not in stopped_at, stopped_at  # stopped mid-training
+  # One line, from process 0, naming the step saved last.
+  assert output.count("preempted: stopped by SIGTERM") == 1, output[-3000:]
+  assert f"after step {max(stopped_at)}: checkpoint saved" in output, (stopped_at, output[-3000:])
+  workdir_lib.lock(str(tmp_path)).close()  # released
 
   proc = _launch(tmp_path)
   output, _ = proc.communicate(timeout=600)

@@ -398,3 +398,163 @@ def test_convert_never_deletes_or_replaces_a_runs_checkpoints(tiny_config, tmp_p
   finally:
     lock.close()
   assert _listing(workdir) == after
+
+
+def test_sigterm_mid_epoch_saves_stops_and_resumes_to_the_uninterrupted_metrics(
+    reference, tiny_config, tmp_path, monkeypatch):
+  """Preemption: SIGTERM while step 10 is logged (mid-epoch, between the scheduled checkpoints
+  8 and 12) saves step 11 and stops; a second SIGTERM during that save changes nothing; the rerun
+  ends with the metrics of the uninterrupted run."""
+  import signal  # pylint: disable=g-import-not-at-top
+  workdir = str(tmp_path / "run")
+  config = tiny_config()
+  config.training.keep_checkpoints = 10
+  log_interval, save = train._log_interval, train._save  # pylint: disable=protected-access
+
+  def log_and_signal(pending, writer, bar):
+    rows = log_interval(pending, writer, bar)
+    if rows[-1][0] == 9:  # the row of step index 9: 10 steps done
+      os.kill(os.getpid(), signal.SIGTERM)
+    return rows
+
+  def save_and_signal_again(run, kind, state, meta):
+    if int(state.step) == 11:
+      os.kill(os.getpid(), signal.SIGTERM)
+    save(run, kind, state, meta)
+
+  monkeypatch.setattr(train, "_log_interval", log_and_signal)
+  monkeypatch.setattr(train, "_save", save_and_signal_again)
+  with pytest.raises(errors.Preempted, match=r"SIGTERM after step 11: checkpoint saved") as e:
+    train.train_and_evaluate(config, workdir)
+  assert e.value.exit_status == 128 + signal.SIGTERM
+  assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # the handlers are restored
+  assert checkpointing.Checkpointer(workdir, 10).all_steps() == [4, 6, 8, 11]
+  assert [r["step"] for r in _rows(workdir) if "split" not in r] == list(range(11))
+  workdir_lib.lock(workdir).close()  # released
+  monkeypatch.undo()
+
+  assert train.train_and_evaluate(config, workdir) == reference[1]
+  _assert_one_row_per_step(workdir)
+
+
+def test_damaged_latest_checkpoints_fall_back_to_the_newest_intact_one(reference, tiny_config,
+                                                                        tmp_path, caplog):
+  """Hostile round: a damaged latest checkpoint (cut data files, no meta/, no _METADATA) gave a
+  157-line traceback, a KeyError or a message blaming the config, never the earlier one."""
+  workdir = _fresh_copy(reference, tmp_path)
+  folder = os.path.join(workdir, "checkpoints")
+  for name in os.listdir(os.path.join(folder, "18", "state", "d")):  # data files gone
+    os.remove(os.path.join(folder, "18", "state", "d", name))
+  shutil.rmtree(os.path.join(folder, "16", "meta"))
+  os.remove(os.path.join(folder, "12", "state", "_METADATA"))
+  config = tiny_config()
+  config.training.keep_checkpoints = 10
+  with caplog.at_level("WARNING"):
+    resumed = train.train_and_evaluate(config, workdir)
+  assert resumed == reference[1]  # replayed from step 8
+  _assert_one_row_per_step(workdir)
+  warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+  for step in (18, 16, 12):
+    assert any(f"checkpoint {folder}/{step} is damaged" in w for w in warnings), warnings
+  assert any("skipped the damaged checkpoints of steps [18, 16, 12]" in w for w in warnings)
+  # Kept for the user, out of the way of the replay, which saved those steps again.
+  assert sorted(os.listdir(os.path.join(workdir, checkpointing.DAMAGED_FOLDER))) == [
+      "latest-12", "latest-16", "latest-18"]
+  assert checkpointing.Checkpointer(workdir, 10).all_steps() == [4, 6, 8, 12, 16, 18]
+
+  for step in (4, 6, 8, 12, 16, 18):  # nothing intact left: one line naming the folder
+    shutil.rmtree(os.path.join(folder, str(step), "meta"))
+  with pytest.raises(errors.UserError, match=f"every checkpoint in {folder} is damaged"):
+    train.train_and_evaluate(config, workdir)
+
+
+def test_an_immutable_checkpoints_folder_is_one_line_not_a_hang(tmp_path):
+  """Hostile round: `chattr +i checkpoints/` hung 5 minutes (Orbax's timeout), 8 tracebacks."""
+  folder = tmp_path / "checkpoints"
+  folder.mkdir()
+  if subprocess.run(["chattr", "+i", str(folder)], capture_output=True).returncode != 0:
+    pytest.skip("chattr +i needs CAP_LINUX_IMMUTABLE")
+  try:
+    proc = _main("--config", "configs/test.py", "--workdir", str(tmp_path), timeout=240)
+  finally:
+    subprocess.run(["chattr", "-i", str(folder)], check=True)
+  assert proc.returncode == 1, proc.stderr[-3000:]
+  assert f"error: {folder}: cannot write there (Operation not permitted)" in proc.stderr
+  assert "config.json" not in os.listdir(tmp_path)  # refused before any record
+
+
+def test_an_unreadable_subfolder_of_an_image_folder_is_refused_with_its_path(tmp_path,
+                                                                             monkeypatch):
+  """Hostile round: an unreadable subfolder was dropped without a word (36 of 42 examples)."""
+  from diffmic_jax.data import layouts  # pylint: disable=g-import-not-at-top
+  for name in ("a/1.png", "a/sub/2.png", "b/3.png"):
+    (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+    (tmp_path / name).write_bytes(b"")
+  assert len(layouts.list_image_folder(str(tmp_path), (), layouts.Problems(False)).records) == 3
+  unreadable = str(tmp_path / "a" / "sub")
+  scandir = os.scandir
+
+  def refusing_scandir(path="."):  # as for a folder without read permission (root reads all)
+    if os.fspath(path) == unreadable:
+      raise PermissionError(13, "Permission denied", unreadable)
+    return scandir(path)
+
+  monkeypatch.setattr(os, "scandir", refusing_scandir)
+  with pytest.raises(layouts.BadInputError,
+                     match=f"{unreadable}: cannot read the folder \\(Permission denied\\)"):
+    layouts.list_image_folder(str(tmp_path), (), layouts.Problems(False))
+
+
+@pytest.mark.parametrize("label, class_names, problem", [
+    ("", (), "empty label; expected a class name"),
+    ("", ("x", "y"), "empty label; expected a class name"),
+    ("z", ("x", "y"), "unknown label 'z'; expected one of ['x', 'y']"),
+])
+def test_empty_or_unknown_manifest_labels_are_refused_naming_the_row(tmp_path, label,
+                                                                      class_names, problem):
+  """Hostile round: an empty label became a class '' that TFDS dropped from the names, shifting
+  every class name (num_classes=3 passed with 4 labels), then a misleading NaN error."""
+  from diffmic_jax.data import layouts  # pylint: disable=g-import-not-at-top
+  for name in ("1.png", "2.png", "3.png"):
+    (tmp_path / name).write_bytes(b"")
+  manifest = tmp_path / "manifest.csv"
+  manifest.write_text(f"path,label\n1.png,x\n2.png,{label}\n3.png,y\n")
+  with pytest.raises(layouts.BadInputError) as e:
+    layouts.list_manifest(str(manifest), "", class_names, layouts.Problems(False))
+  assert str(e.value) == f"{manifest} (row 3, 2.png): {problem}"
+  # With skip_bad_images the row is left out and listed; the class names stay x, y.
+  problems = layouts.Problems(True)
+  listing = layouts.list_manifest(str(manifest), "", class_names, problems)
+  assert listing.class_names == ("x", "y") and len(listing.records) == 2
+  assert problems.items == [{"file": f"{manifest} (row 3, 2.png)", "problem": problem}]
+
+
+def test_checkpoints_without_config_json_are_refused_not_recreated(reference, tiny_config,
+                                                                   tmp_path):
+  """Hostile round: deleting config.json disabled the resume check (a changed lr was accepted
+  silently and recorded as if original)."""
+  workdir = _fresh_copy(reference, tmp_path)
+  os.remove(os.path.join(workdir, "config.json"))
+  before = _snapshot(workdir, ("split.json", "metrics.jsonl"))
+  config = tiny_config()
+  config.optim.lr = 5e-4
+  with pytest.raises(errors.UserError, match=r"config.json is missing, but .*checkpoints holds "
+                                             r"checkpoints: nothing to check this config"):
+    train.train_and_evaluate(config, workdir)
+  assert _snapshot(workdir, ("split.json", "metrics.jsonl")) == before
+  assert not os.path.exists(os.path.join(workdir, "config.json"))
+  config.training.allow_config_change = True  # accepted only when asked, and recorded
+  assert workdir_lib.check_resume_config(config, workdir)["overridden"] == [
+      "config.json was missing"]
+
+
+def test_fields_of_the_final_test_only_are_accepted_on_resume(tiny_config, tmp_path):
+  """Hostile round: diffusion.predict_num_samples was refused on resume, though it only changes
+  the final test."""
+  config = tiny_config()
+  workdir_lib.write_records(config, str(tmp_path), None)  # a run with a checkpoint at step 4
+  (tmp_path / "checkpoints" / "4").mkdir(parents=True)
+  config.diffusion.predict_num_samples = 3
+  config.training.eval_overlays = 0
+  assert workdir_lib.check_resume_config(config, str(tmp_path))["accepted"] == [
+      "diffusion.predict_num_samples (8 -> 3)", "training.eval_overlays (16 -> 0)"]

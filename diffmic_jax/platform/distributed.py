@@ -14,11 +14,14 @@ creates its CPU backend; GPUs use NCCL whatever this setting says.
 Process 0 writes the run's records; `from_primary` hands its decisions (the workdir lock, the
 validations already done) to the others, `primary_first` lets it prepare a dataset before they
 read it, and `exit_at_once_on_error` ends a failing process without waiting for its peers.
+`StopSignals` turns SIGTERM and SIGINT into a stop at a step boundary that every process agrees
+on (preemption).
 """
 
 import contextlib
 import json
 import os
+import signal
 import sys
 import traceback
 
@@ -137,3 +140,58 @@ def exit_at_once_on_error():
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(status)  # pylint: disable=protected-access
+
+
+class StopSignals:
+  """SIGTERM and SIGINT during training: a request to save and stop at a step boundary.
+
+  Schedulers (SLURM, Kubernetes, spot VMs) announce a preemption with SIGTERM and send SIGKILL a
+  grace period later. Inside the `with` block either signal only records the request, and
+  `reached(step)` is True at the one step where every process must save and stop:
+
+  - one process: the first step boundary after the signal;
+  - several: the step that JAX's preemption service (`multihost_utils.
+    reached_preemption_sync_point`) agrees on, whichever process was signalled. JAX catches
+    SIGTERM itself; SIGINT is passed on to it as SIGTERM.
+
+  Later signals are ignored, so a second SIGTERM cannot interrupt the save. The previous
+  handlers are restored on exit. Must be entered in the main thread.
+  """
+
+  def __init__(self):
+    self.signum = None  # the first signal received (SIGTERM when JAX's service caught it)
+    self._previous = {}
+    self._multi = jax.process_count() > 1
+
+  def __enter__(self):
+    # With several processes JAX's preemption service owns SIGTERM (set up by initialize).
+    handled = (signal.SIGINT,) if self._multi else (signal.SIGINT, signal.SIGTERM)
+    for signum in handled:
+      self._previous[signum] = signal.signal(signum, self._handle)
+    return self
+
+  def __exit__(self, *exc):
+    for signum, handler in self._previous.items():
+      signal.signal(signum, handler)
+    self._previous = {}
+    return False
+
+  def _handle(self, signum, frame):
+    del frame
+    if self.signum is not None:
+      return  # already stopping; a second signal must not interrupt the save
+    self.signum = signum
+    os.write(2, f"\n{signal.Signals(signum).name} received: saving a checkpoint at the next "
+                "step boundary, then stopping\n".encode())
+    if self._multi:  # JAX's preemption service hears SIGTERM and tells every process
+      os.kill(os.getpid(), signal.SIGTERM)
+
+  def reached(self, step: int) -> bool:
+    """Whether the run must save and stop once `step` steps are done (a collective in a
+    multi-process run: every process calls it at every step, with the same step numbers)."""
+    if self._multi:
+      if multihost_utils.reached_preemption_sync_point(step):
+        self.signum = self.signum or signal.SIGTERM
+        return True
+      return False
+    return self.signum is not None

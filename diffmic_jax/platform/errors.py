@@ -7,3 +7,18 @@ is a bug and keeps its traceback. Subclassing ValueError keeps `except ValueErro
 
 class UserError(ValueError):
   """Bad user input; the message names the file, row or config field and what was expected."""
+
+
+class Preempted(Exception):
+  """A training run stopped on SIGTERM or SIGINT at a step boundary, its checkpoint saved.
+
+  `main` prints the message as one line and exits with `exit_status` (128 + the signal number,
+  the status of a process ended by that signal), which schedulers treat as a preempted job to
+  requeue; rerunning the same command resumes from the checkpoint.
+  """
+
+  def __init__(self, signum: int, step: int, checkpoints: str):
+    import signal  # pylint: disable=g-import-not-at-top
+    self.exit_status = 128 + signum
+    super().__init__(f"stopped by {signal.Signals(signum).name} after step {step}: checkpoint "
+                     f"saved in {checkpoints}; rerun the same command to resume")

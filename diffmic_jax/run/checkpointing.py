@@ -8,10 +8,12 @@ it when complete, so a checkpoint interrupted by a crash or `kill -9` is never r
 """
 
 import os
+import shutil
 
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
+from absl import logging
 
 from diffmic_jax.platform import errors
 from diffmic_jax.platform import sharding
@@ -20,6 +22,13 @@ from diffmic_jax.platform import trees
 KINDS = ("latest", "best")
 # The managers' folders under a workdir, in the order a source run's checkpoint is taken from.
 FOLDERS = {"best": "checkpoints_best", "latest": "checkpoints"}
+DAMAGED_FOLDER = "checkpoints_damaged"  # where a resume sets damaged checkpoints aside
+# Files every finished checkpoint holds (Orbax's metadata of both items and the state's index).
+REQUIRED_FILES = ("state/_METADATA", "state/manifest.ocdbt", "meta/metadata")
+
+
+class MismatchError(ValueError):
+  """A readable checkpoint whose structure differs from the model built from the config."""
 
 
 class Checkpointer:
@@ -40,12 +49,18 @@ class Checkpointer:
           item_handlers={"state": ocp.StandardCheckpointHandler(),
                          "meta": ocp.JsonCheckpointHandler()})
 
-    self._managers = {"latest": manager("checkpoints", keep), "best": manager("checkpoints_best", 1)}
+    self._root = root
+    self._managers = {"latest": manager(FOLDERS["latest"], keep),
+                      "best": manager(FOLDERS["best"], 1)}
 
   def save(self, kind: str, step: int, state, meta: dict) -> None:
     """Saves state and JSON meta at `step` (asynchronously; see `wait`)."""
     self._managers[kind].save(step, args=ocp.args.Composite(
         state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)), force=True)
+
+  def directory(self, kind: str) -> str:
+    """The folder of one manager (DIR/checkpoints or DIR/checkpoints_best)."""
+    return str(self._managers[kind].directory)
 
   def latest_step(self, kind: str = "latest"):
     return self._managers[kind].latest_step()
@@ -85,6 +100,66 @@ class Checkpointer:
     restored = manager.restore(step, args=ocp.args.Composite(
         state=ocp.args.StandardRestore(target), meta=ocp.args.JsonRestore()))
     return restored["state"], restored["meta"]
+
+  def restore_newest_intact(self, kind: str, abstract_state):
+    """Restores the newest checkpoint of `kind` that is intact, skipping damaged newer ones.
+
+    A checkpoint is damaged when one of REQUIRED_FILES is missing or Orbax cannot read it
+    (missing or cut data files); each one skipped is named in a warning.
+
+    Returns:
+      (step, state, meta, skipped steps, newest first); step, state and meta are None when
+      there is no checkpoint at all.
+
+    Raises:
+      MismatchError: a readable checkpoint that does not fit the config (not damage).
+      errors.UserError: every checkpoint is damaged.
+    """
+    folder = self.directory(kind)
+    skipped = []
+    for step in sorted(self.all_steps(kind), reverse=True):
+      missing = [f for f in REQUIRED_FILES
+                 if not os.path.exists(os.path.join(folder, str(step), f))]
+      try:
+        if missing:
+          raise FileNotFoundError(f"missing {', '.join(missing)}")
+        state, meta = self.restore(kind, step, abstract_state)
+      except MismatchError:
+        raise
+      except Exception as e:  # pylint: disable=broad-exception-caught
+        # Orbax and TensorStore report missing or cut files with many exception types.
+        reason = str(e).strip().splitlines()[0][:300] if str(e).strip() else type(e).__name__
+        logging.warning("checkpoint %s/%d is damaged (%s); skipped, restoring an earlier one",
+                        folder, step, reason)
+        skipped.append(step)
+        continue
+      if skipped:
+        logging.warning("restored %s/%d; skipped the damaged checkpoints of steps %s",
+                        folder, step, skipped)
+      return step, state, meta, skipped
+    if skipped:
+      raise errors.UserError(f"every checkpoint in {folder} is damaged (steps {skipped}, see "
+                             "the warnings above); restore them from a backup or use a new "
+                             "--workdir")
+    return None, None, None, []
+
+  def set_aside(self, kind: str, step: int) -> str:
+    """Moves a damaged checkpoint to DIR/checkpoints_damaged/<kind>-<step> (kept for the user,
+    out of Orbax's sight, so that the step can be saved again). Call `reload` afterwards in
+    every process. Returns the new path."""
+    target = os.path.join(self._root, DAMAGED_FOLDER, f"{kind}-{step}")
+    suffix = 1
+    while os.path.exists(target):
+      target = os.path.join(self._root, DAMAGED_FOLDER, f"{kind}-{step}.{suffix}")
+      suffix += 1
+    os.makedirs(os.path.dirname(target), exist_ok=True)
+    shutil.move(os.path.join(self.directory(kind), str(step)), target)
+    return target
+
+  def reload(self) -> None:
+    """Reads the list of checkpoints from disk again (after `set_aside`)."""
+    for manager in self._managers.values():
+      manager.reload()
 
   def read_meta(self, kind: str, step: int) -> dict:
     """The JSON meta item of one checkpoint (the state is not read)."""
@@ -162,17 +237,18 @@ def read_state(path: str) -> tuple[dict, str]:
 
 
 def check_structure(stored, expected, where: str) -> None:
-  """Raises ValueError naming the first missing, unexpected or mis-shaped entry."""
+  """Raises MismatchError (a ValueError) naming the first missing, unexpected or mis-shaped
+  entry."""
   stored_flat = trees.flatten(stored)
   expected_flat = trees.flatten(jax.tree.map(ocp.utils.to_shape_dtype_struct, expected))
   missing = sorted(set(expected_flat) - set(stored_flat))
   extra = sorted(set(stored_flat) - set(expected_flat))
   if missing or extra:
-    raise ValueError(f"checkpoint {where} does not match the model built from the config: "
+    raise MismatchError(f"checkpoint {where} does not match the model built from the config: "
                      f"missing {missing[:5]}{'...' if len(missing) > 5 else ''}, "
                      f"unexpected {extra[:5]}{'...' if len(extra) > 5 else ''}")
   for name, want in expected_flat.items():
     got = stored_flat[name]
     if tuple(got.shape) != tuple(want.shape) or np.dtype(got.dtype) != np.dtype(want.dtype):
-      raise ValueError(f"checkpoint {where}: {name} has shape {tuple(got.shape)} {got.dtype}, "
+      raise MismatchError(f"checkpoint {where}: {name} has shape {tuple(got.shape)} {got.dtype}, "
                        f"the config expects {tuple(want.shape)} {want.dtype}")

@@ -9,6 +9,7 @@ checks pass, and every write goes to a temporary file renamed over the old one, 
 import fcntl
 import json
 import os
+import tempfile
 import time
 
 import ml_collections
@@ -24,14 +25,17 @@ CONFIG_CHANGES_FILE = "config_changes.jsonl"
 METRICS_FILE = "metrics.jsonl"
 
 # Fields that may change when a run is resumed without changing what the run trains: how often
-# it evaluates, logs and saves, how evaluation samples, and where it reads or caches data from.
+# it evaluates, logs and saves, how evaluation samples (validation and the final test), what
+# the final test writes, and where it reads or caches data from.
 # Every other field (model, data, ablation, optimiser, schedule, seed, diffusion) alters the run.
 SAFE_TO_CHANGE = frozenset({
     "training.eval_every_epochs", "training.log_every_steps", "training.eval_batch_size",
     "training.checkpoint_every_steps", "training.keep_checkpoints", "training.distributed",
     "training.allow_config_change", "training.profile_steps",
     "data.num_workers", "data.data_dir",
-    "diffusion.num_samples", "diffusion.sampler", "diffusion.test_steps",
+    "training.eval_overlays",
+    "diffusion.num_samples", "diffusion.predict_num_samples", "diffusion.sampler",
+    "diffusion.test_steps",
     "diffusion.val_sampler", "diffusion.val_steps",
     "diffusion.test_timesteps", "diffusion.val_timesteps",  # the deprecated names of the two above
     "optim.eval_with_ema", "model.conv_impl",
@@ -75,6 +79,17 @@ def lock(workdir: str):
   return f
 
 
+def check_writable(folder: str, purpose: str) -> None:
+  """Raises errors.UserError unless a file can be created in `folder` (e.g. an immutable or
+  read-only checkpoints/ folder, refused before training rather than when a save fails)."""
+  try:
+    with tempfile.NamedTemporaryFile(dir=folder, prefix=".writable"):
+      pass
+  except OSError as e:
+    raise errors.UserError(f"{folder}: cannot write there ({e.strerror}); expected a writable "
+                           f"folder for {purpose}") from e
+
+
 def config_changes(saved: dict, new: dict) -> tuple[list[str], list[str]]:
   """Compares two configs (as JSON dicts); fields missing from `saved` (added to the code after
   the run started) are not compared.
@@ -102,18 +117,30 @@ def check_resume_config(config, workdir: str) -> dict | None:
 
   Args:
     config: the new ConfigDict.
-    workdir: the run's folder; checked only when it holds a checkpoint and a config.json.
+    workdir: the run's folder; checked when it holds a checkpoint.
 
   Returns:
     None when nothing changed, else {'time', 'accepted', 'overridden'} to be recorded in
     DIR/config_changes.jsonl once the run starts (see `write_records`).
 
   Raises:
-    errors.UserError: changes that alter the run, listed field by field.
+    errors.UserError: changes that alter the run, listed field by field; or checkpoints without
+      their config.json (nothing to check the config against), unless allowed.
   """
   path = os.path.join(workdir, CONFIG_FILE)
-  if not (os.path.isfile(path) and has_checkpoint(workdir)):
+  if not has_checkpoint(workdir):
     return None
+  if not os.path.isfile(path):
+    if not config.training.allow_config_change:
+      raise errors.UserError(
+          f"{path} is missing, but {os.path.join(workdir, 'checkpoints')} holds checkpoints: "
+          "nothing to check this config against; restore config.json, use a new --workdir, or "
+          "pass --config.training.allow_config_change=True to resume with this config (e.g. "
+          "from converted official weights)")
+    logging.warning("%s is missing; resuming with this config (allow_config_change=True), "
+                    "recorded in %s", path, os.path.join(workdir, CONFIG_CHANGES_FILE))
+    return {"time": time.strftime("%Y-%m-%dT%H:%M:%S"), "accepted": [],
+            "overridden": [f"{CONFIG_FILE} was missing"]}
   try:
     with open(path) as f:
       saved = json.load(f)

@@ -192,11 +192,18 @@ def _compile(step_fn, state, batch):
   return compiled
 
 
-def run_stage(run: run_lib.Run, stage: Stage, step_fn, state, train_iter, meta, writer):
+def run_stage(run: run_lib.Run, stage: Stage, step_fn, state, train_iter, meta, writer,
+              stops=None):
   """Trains one stage from the state's step to its end; returns the new state.
 
   At a validation step the latest checkpoint is saved first, so validation can never lose the
   epoch's training; a resumed run validates a step whose validation has no row yet.
+
+  Args:
+    stops: a `distributed.StopSignals` (entered), asked at every step boundary.
+
+  Raises:
+    errors.Preempted: a stop was requested; the checkpoint of the step reached is finished.
   """
   cfg = run.config.training
   end = _stage_end(run, stage)
@@ -223,7 +230,9 @@ def run_stage(run: run_lib.Run, stage: Stage, step_fn, state, train_iter, meta, 
       done = step + 1
       epoch_end = (done - stage.start) % run.steps_per_epoch == 0
       epoch = _validation_epoch(run, stage, done)
-      save = done % cfg.checkpoint_every_steps == 0 or done == end or epoch is not None
+      stop = stops is not None and stops.reached(done)
+      save = (done % cfg.checkpoint_every_steps == 0 or done == end or epoch is not None
+              or stop)
       # Metrics are checked before every save, so a non-finite state is never checkpointed.
       if done % cfg.log_every_steps == 0 or epoch_end or save:
         _check_finite(_log_interval(pending, writer, bar), run.workdir)
@@ -231,6 +240,9 @@ def run_stage(run: run_lib.Run, stage: Stage, step_fn, state, train_iter, meta, 
       meta = {**meta, "data_iter": iter_state, "stage": stage.name}
       if save:
         _save(run, "latest", state, meta)
+      if stop:  # the rerun validates this step, if due: its row is not written
+        run.checkpointer.wait()
+        raise errors.Preempted(stops.signum, done, run.checkpointer.directory("latest"))
       if epoch is not None:
         meta = _validate_and_keep_best(run, state, meta, epoch, writer)
   finally:
@@ -294,6 +306,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
           checkpointing.find_checkpoint(source)  # refused before any record is written
     run = run_lib.prepare(config, workdir)
     try:
+      _refused_by_primary(lambda: [workdir_lib.check_writable(run.checkpointer.directory(k),
+                                                              "the run's checkpoints")
+                                   for k in checkpointing.KINDS])
       if distributed.is_primary():
         input_pipeline.write_split(workdir, run.splits)
         workdir_lib.write_records(config, workdir, changes)
@@ -308,10 +323,16 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
 def _lock(workdir: str):
   """Process 0 takes the workdir lock (`workdir.lock`); with several processes, all of them
   learn whether it did and raise the same error if not. Returns the lock file or None."""
-  lock, refusal = None, None
+  return _refused_by_primary(lambda: workdir_lib.lock(workdir))
+
+
+def _refused_by_primary(check):
+  """Runs `check()` in process 0; with several processes, every process raises the
+  errors.UserError it raised there. Returns check()'s result in process 0, else None."""
+  result, refusal = None, None
   if distributed.is_primary():
     try:
-      lock = workdir_lib.lock(workdir)
+      result = check()
     except errors.UserError as e:
       if jax.process_count() == 1:
         raise
@@ -319,7 +340,7 @@ def _lock(workdir: str):
   refusal = distributed.from_primary(refusal)
   if refusal is not None:
     raise errors.UserError(refusal)
-  return lock
+  return result
 
 
 def _stage_at(plan, step: int, run: run_lib.Run) -> str:
@@ -339,13 +360,22 @@ def _restore_latest(run: run_lib.Run, guidance_tx, denoiser_tx, train_iter, plan
   """
   config = run.config
   meta = train_state.run_meta(train_iter.get_state(), plan[0].name)
-  latest = run.checkpointer.latest_step()
+  # The newest intact checkpoint; damaged newer ones are moved to DIR/checkpoints_damaged, so
+  # that the replay can save those steps again.
+  latest, restored, restored_meta, damaged = run.checkpointer.restore_newest_intact(
+      "latest", train_state.abstract_train_state(run.models, config))
+  if damaged:
+    if distributed.is_primary():
+      for step in damaged:
+        logging.warning("moved the damaged checkpoint to %s",
+                        run.checkpointer.set_aside("latest", step))
+    distributed.from_primary(None)  # every process waits until process 0 moved them
+    run.checkpointer.reload()
   if latest is None:
     state = train_state.create_train_state(run.models, config, guidance_tx, denoiser_tx,
                                jax.random.PRNGKey(config.seed))
   else:
-    state, meta = run.checkpointer.restore("latest", latest,
-                                           train_state.abstract_train_state(run.models, config))
+    state, meta = restored, restored_meta
     if meta.get("data_iter") is not None:  # None: imported from the official code.
       train_iter.set_state(meta["data_iter"])
     meta = {**meta, "data_iter": train_iter.get_state()}
@@ -394,10 +424,12 @@ def _train(run: run_lib.Run) -> dict:
       epoch = _validation_epoch(run, stage, step)
       if epoch is not None and step not in validated:  # killed before it finished
         meta = _validate_and_keep_best(run, state, meta, epoch, writer)
-    for stage in plan:
-      if int(state.step) < _stage_end(run, stage):
-        step_fn = jit_step(steps[stage.name], run.mesh)
-        state, meta = run_stage(run, stage, step_fn, state, train_iter, meta, writer)
+    # SIGTERM or SIGINT (a preemption): save and stop at a step boundary, see StopSignals.
+    with distributed.StopSignals() as stops:
+      for stage in plan:
+        if int(state.step) < _stage_end(run, stage):
+          step_fn = jit_step(steps[stage.name], run.mesh)
+          state, meta = run_stage(run, stage, step_fn, state, train_iter, meta, writer, stops)
   run.checkpointer.wait()
   kind = "best" if run.checkpointer.latest_step("best") is not None else "latest"
   return evaluate.evaluate_checkpoint(config, workdir, split="test", checkpoint=kind, run=run)
