@@ -415,8 +415,10 @@ def main(argv):
     logging.set_verbosity(logging.WARNING)  # orbax logs every save step at INFO.
   try:
     run_command(argv[1])
-  except (errors.UserError, pretrained.WeightMismatchError, FileNotFoundError,
-          ImportError) as e:
+  # ValueError: the package's user errors (a list or a tensor where a checkpoint was
+  # expected, a bad config value), as in diffmic_jax.main.
+  except (errors.UserError, ValueError, pretrained.WeightMismatchError, FileNotFoundError,
+          PermissionError, ImportError) as e:
     sys.exit(f"error: {e}")
 
 

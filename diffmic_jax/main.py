@@ -14,6 +14,7 @@ be overridden with `--config.a.b=value`, the others must agree with the run's
 (`workdir.check_eval_config`).
 """
 
+import errno
 import json
 import logging as std_logging
 import os
@@ -58,6 +59,8 @@ _SPLIT = flags.DEFINE_enum("split", "test", splits_lib.SPLIT_NAMES, "--mode eval
 # the rest are bugs and keep their traceback.
 USER_ERRORS = (errors.UserError, ValueError, FileNotFoundError, PermissionError,
                FloatingPointError)
+# OSErrors of a full disk, a quota or a read-only file system: one line too.
+_FULL_OR_READ_ONLY = (errno.ENOSPC, errno.EDQUOT, errno.EROFS)
 
 
 def _enable_compilation_cache() -> None:
@@ -86,6 +89,13 @@ def _run(argv) -> None:
     predict.predict_files(config, workdir, _INPUT.value, _OUTPUT.value, _CHECKPOINT.value,
                           overlays=_OVERLAYS.value)
     return
+  # A bad value is one line from every process before they connect (no runtime logs); a batch
+  # that cannot split over the processes too.
+  run_lib.validate_config(config, shapes=False)
+  if config.training.distributed and (count := distributed.planned_process_count()):
+    if config.training.batch_size % count:
+      raise errors.UserError(f"config.training.batch_size={config.training.batch_size} must "
+                             f"be divisible by the number of processes ({count})")
   # Before anything asks JAX for its devices: join the other processes of a multi-process run.
   distributed.initialize(config.training.distributed)
   if jax.process_index() != 0 and not flags.FLAGS["verbosity"].present:
@@ -137,6 +147,15 @@ def main(argv) -> None:
       if jax.process_index() == 0:
         print(f"preempted: {e}", file=sys.stderr)
       sys.exit(e.exit_status)
+    except KeyboardInterrupt:  # Ctrl-C outside the training loop: one line, not a traceback
+      print("interrupted (SIGINT); nothing half-written is kept", file=sys.stderr)
+      sys.exit(130)
+    except OSError as e:
+      if e.errno not in _FULL_OR_READ_ONLY:
+        raise
+      print(f"error: {e.filename or 'a file'}: {e.strerror}; expected free space in a "
+            "writable --workdir (and data.data_dir)", file=sys.stderr)
+      sys.exit(1)
 
 
 # The repository's root (holding configs/) when the package runs from a checkout.

@@ -558,3 +558,62 @@ def test_fields_of_the_final_test_only_are_accepted_on_resume(tiny_config, tmp_p
   config.training.eval_overlays = 0
   assert workdir_lib.check_resume_config(config, str(tmp_path))["accepted"] == [
       "diffusion.predict_num_samples (8 -> 3)", "training.eval_overlays (16 -> 0)"]
+
+
+@pytest.mark.parametrize("field, value, expected", [
+    ("seed", -1, "config.seed=-1; expected a value in [0, 4294967296)"),
+    ("data.split_seed", -1, "config.data.split_seed=-1; expected a value in [0, 4294967296)"),
+    ("diffusion.timesteps", 1, "config.diffusion.test_steps=5; expected a value in [1, 1]"),
+    ("guidance.crop_size", 64, "config.guidance / config.data.image_size=32: DCG: crop_size=64 "
+                               "exceeds the image size"),
+    ("guidance.num_rois", 100, "fewer cells than num_rois=100"),
+])
+def test_unclear_or_late_config_errors_name_the_field_before_any_record(tiny_config, tmp_path,
+                                                                        field, value, expected):
+  """Hostile round: these named no field (split_seed, timesteps) or were refused only after
+  config.json, split.json and the checkpoint folders were written (crop_size, num_rois, seed)."""
+  config = tiny_config()
+  section, _, name = field.rpartition(".")
+  (config[section] if section else config)[name] = value
+  with pytest.raises(errors.UserError) as e:
+    train.train_and_evaluate(config, str(tmp_path / "run"))
+  assert expected in str(e.value)
+  assert not (tmp_path / "run").exists()
+
+
+def test_deduplication_that_empties_a_class_names_the_field(tiny_config, tmp_path):
+  """Hostile round: deduplication that removed a whole class did not name the field."""
+  from diffmic_jax.data import input_pipeline  # pylint: disable=g-import-not-at-top
+  root = _folder(str(tmp_path / "images"), {"a": 6, "b": 6})
+  os.makedirs(os.path.join(root, "c"))
+  shutil.copy(os.path.join(root, "a", "0.png"), os.path.join(root, "c", "0.png"))  # a's copy
+  config = tiny_config()
+  config.data.name, config.data.manual_dir = "image_folder", root
+  config.data.num_classes, config.data.data_dir = 3, str(tmp_path / "tfds")
+  config.data.deduplicate, config.data.dedup_threshold = True, 0.0
+  with pytest.raises(errors.UserError, match=r"data.deduplicate=True \(data.dedup_threshold="
+                                             r"0.0\) removed every example of class\(es\) \['c'\]"):
+    input_pipeline.create_splits(config.data, None)
+
+
+def test_stale_temporaries_are_removed_live_ones_kept(tmp_path):
+  """Hostile round: .tmp files of killed writers stayed in the workdir."""
+  from diffmic_jax.platform import files  # pylint: disable=g-import-not-at-top
+  dead = subprocess.Popen(["true"])
+  dead.wait()
+  (tmp_path / "eval").mkdir()
+  stale = [tmp_path / f"metrics.jsonl.tmp{dead.pid}", tmp_path / "eval" / f"x.csv.tmp{dead.pid}"]
+  live = [tmp_path / f"config.json.tmp{os.getpid()}", tmp_path / f"notes.tmp{dead.pid}x"]
+  for path in stale + live:
+    path.write_text("partial")
+  assert sorted(files.remove_stale_temporaries(str(tmp_path))) == sorted(map(str, stale))
+  assert all(p.exists() for p in live) and not any(p.exists() for p in stale)
+
+
+def test_launcher_refuses_zero_processes_in_one_line_with_status_1(capsys):
+  """Hostile round: the launcher exited 2 (argparse's usage error) for --num_processes 0."""
+  from diffmic_jax import launch  # pylint: disable=g-import-not-at-top
+  with pytest.raises(SystemExit) as e:
+    launch.main(["--num_processes", "0", "--", "--config", "configs/test.py"])
+  assert e.value.code == 1
+  assert capsys.readouterr().err == "error: --num_processes=0; expected >= 1\n"

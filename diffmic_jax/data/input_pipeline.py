@@ -237,6 +237,14 @@ def create_splits(data_config: ml_collections.ConfigDict, workdir: str | None,
         metadata.get("thumbnail"), data_config.dedup_threshold)
     keep = np.sort(kept)
     extra["deduplication"] = dedup
+    labels_all = np.asarray(metadata["label"], np.int64)
+    emptied = [class_names[c] for c in range(len(class_names))
+               if np.any(labels_all == c) and not np.any(labels_all[keep] == c)]
+    if emptied:
+      raise errors.UserError(
+          f"data.deduplicate=True (data.dedup_threshold={data_config.dedup_threshold}) removed "
+          f"every example of class(es) {emptied} as duplicates; lower data.dedup_threshold, set "
+          "data.deduplicate=False, or check the dataset for copied images")
     logging.info("Deduplication: %d -> %d examples (%d dropped, %d with conflicting labels)",
                  dedup["num_before"], dedup["num_after"], dedup["num_dropped"],
                  dedup["num_dropped_conflicting_labels"])

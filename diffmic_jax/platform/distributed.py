@@ -44,6 +44,12 @@ def _env_int(name: str):
   return int(value)
 
 
+def planned_process_count():
+  """The number of processes diffmic_jax.launch starts (DIFFMIC_NUM_PROCESSES), or None (a
+  cluster's own environment, read by JAX)."""
+  return _env_int(NUM_PROCESSES_ENV)
+
+
 def initialize(enabled: bool) -> None:
   """Joins the job's processes (once; later calls do nothing). Call before any JAX computation.
 
@@ -134,7 +140,9 @@ def exit_at_once_on_error():
     status = _exit_status(e)
     if status is None or not jax.distributed.is_initialized():
       raise
-    if not isinstance(e, SystemExit):  # SystemExit: the message is already printed
+    if isinstance(e, KeyboardInterrupt):  # one line per process, not a traceback each
+      print("interrupted (SIGINT)", file=sys.stderr)
+    elif not isinstance(e, SystemExit):  # SystemExit: the message is already printed
       traceback.print_exc()
     logging.flush()
     sys.stdout.flush()

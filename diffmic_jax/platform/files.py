@@ -27,6 +27,33 @@ def atomic_open(path: str, mode: str = "w", **kwargs):
   os.replace(tmp, path)
 
 
+def is_stale_temporary(name: str) -> bool:
+  """Whether a file name is one of `atomic_open`'s temporaries (`<name>.tmp<pid>`) whose
+  process no longer runs (left behind by a kill)."""
+  stem, sep, pid = name.rpartition(".tmp")
+  if not (sep and stem and pid.isdigit()):
+    return False
+  try:
+    os.kill(int(pid), 0)
+  except ProcessLookupError:
+    return True
+  except PermissionError:  # another user's live process
+    return False
+  return False
+
+
+def remove_stale_temporaries(folder: str) -> list[str]:
+  """Removes the stale temporaries (`is_stale_temporary`) under `folder`; returns their paths."""
+  removed = []
+  for dirpath, _, names in os.walk(folder):
+    for name in names:
+      if is_stale_temporary(name):
+        with contextlib.suppress(FileNotFoundError):
+          os.remove(os.path.join(dirpath, name))
+          removed.append(os.path.join(dirpath, name))
+  return removed
+
+
 def write_text(path: str, text: str) -> None:
   """Writes `text` to `path` atomically."""
   with atomic_open(path) as f:

@@ -41,7 +41,7 @@ class Run(NamedTuple):
 def prepare(config, workdir) -> Run:
   """Builds the data, models, mesh and checkpointer shared by training and evaluation."""
   distributed.initialize(config.training.distributed)  # main.py already did, when it runs us
-  validate_config(config)
+  validate_config(config, shapes=False)  # training checked the shapes before any record
   mesh = sharding.make_mesh()
   # Checked against the run's split.json here, written only once training is accepted. With
   # several processes, process 0 prepares a dataset that is not built yet before the others
@@ -97,11 +97,15 @@ def apply_deprecated_names(config) -> None:
       d[new], d[old] = d[old], None
 
 
-def validate_config(config) -> None:
+def validate_config(config, shapes: bool = True) -> None:
   """Checks every config value once, up front, before any dataset is built or file written.
 
   String choices are checked against the modules' own registries; numbers against the ranges
   in which the run can work.
+
+  Args:
+    shapes: also trace the models' initialisation abstractly (starts JAX's backend: False
+      before `distributed.initialize`).
 
   Raises:
     errors.UserError (or ValueError from a module's registry) naming the field.
@@ -145,7 +149,22 @@ def validate_config(config) -> None:
     raise errors.UserError(f"config.optim.warmup_epochs={o.warmup_epochs} must be smaller than "
                            f"config.training.num_epochs={t.num_epochs} (the LR would never leave "
                            "its linear warm-up)")
+  # numpy's and JAX's seeds are unsigned 32-bit integers.
+  for field, value in (("seed", config.seed), ("data.split_seed", config.data.split_seed)):
+    _check_range(int(value), 0, 2**32, field)
+  if d.sampler != "full":
+    _check_range(d.test_steps, 1, d.timesteps, "diffusion.test_steps", high_open=False)
   diffusion.timestep_sequence(d.sampler, d.timesteps, d.test_steps)
   diffusion.timestep_sequence(d.val_sampler, d.timesteps, min(d.val_steps, d.timesteps))
-  models_lib.create_models(config)  # the model choices (ablation, backbone, dtype, ...)
+  models = models_lib.create_models(config)  # the model choices (ablation, backbone, dtype, ...)
   input_pipeline.validate_data_config(config.data)
+  if not shapes:
+    return
+  # The shapes: what the models refuse only when built on an image (crop_size larger than the
+  # image, more ROIs than saliency cells), traced abstractly, with no computation.
+  try:
+    jax.eval_shape(lambda key: models_lib.init_variables(models, key, config.data.image_size),
+                   jax.ShapeDtypeStruct((2,), jax.numpy.uint32))  # no backend started
+  except ValueError as e:
+    raise errors.UserError(f"config.guidance / config.data.image_size="
+                           f"{config.data.image_size}: {e}") from e

@@ -24,6 +24,7 @@ from diffmic_jax.evaluation import evaluate
 from diffmic_jax.nn import fast_conv
 from diffmic_jax.platform import distributed
 from diffmic_jax.platform import errors
+from diffmic_jax.platform import files
 from diffmic_jax.platform import host
 from diffmic_jax.platform import profiling
 from diffmic_jax.platform import sharding
@@ -310,6 +311,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
                                                               "the run's checkpoints")
                                    for k in checkpointing.KINDS])
       if distributed.is_primary():
+        # Temporaries of records whose writer was killed (a live writer's are kept).
+        for path in files.remove_stale_temporaries(workdir):
+          logging.info("Removed %s, left by a killed run.", path)
         input_pipeline.write_split(workdir, run.splits)
         workdir_lib.write_records(config, workdir, changes)
       return _train(run)
