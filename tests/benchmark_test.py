@@ -299,9 +299,15 @@ def test_the_joint_step_at_the_training_batch_is_lowered_once_for_its_flops(tiny
 
   monkeypatch.setattr(benchmark.summary, "training_flops_per_image", recording_count)
   batch = config.training.batch_size
+  seen = []  # on_row: after every row, the result so far (a stopped run keeps these rows)
   result = benchmark.run(config, batches=[2], train_batches=[batch], only=None,
                          sampler_entries=["official_truncated:2"], stages=["joint", "warmup"],
-                         repeats=1, matmul_size=64, matmul_repeats=1)
+                         repeats=1, matmul_size=64, matmul_repeats=1,
+                         on_row=lambda partial: seen.append(
+                             [r.get("sampler") or r["stage"] for r in
+                              partial["inference"] + partial["training"]]))
+  assert seen == [["official_truncated"], ["official_truncated", "joint"],
+                  ["official_truncated", "joint", "warmup"]]
   assert counted == [("joint", batch), ("warmup", batch)]
   joint = next(r for r in result["training"] if r["stage"] == "joint")
   assert joint["gflop_per_image"] * 1e9 == result["flops_per_image"]["training_joint_iteration"]

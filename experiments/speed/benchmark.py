@@ -95,7 +95,9 @@ _SAMPLERS = flags.DEFINE_list(
     "Samplers to time, NAME:STEPS (add full:0 for the whole T-step chain).")
 _STAGES = flags.DEFINE_list("stages", ["warmup", "joint"], "Training stages to time.")
 _REPEATS = flags.DEFINE_integer("repeats", 3, "Timed calls per measurement after the first.")
-_JSON = flags.DEFINE_string("json", None, "Write the results as JSON to this path.")
+_JSON = flags.DEFINE_string("json", None, "Write the results as JSON to this path (after every "
+                            "row with 'complete': false, so that a stopped run keeps its rows; "
+                            "at the end with 'complete': true).")
 _MATMUL_SIZE = flags.DEFINE_integer("matmul-size", 4096, "Side of the peak-matmul probe.")
 _MATMUL_REPEATS = flags.DEFINE_integer("matmul-repeats", 6, "Best of N for the matmul probe.")
 _TUNE_MALLOC = flags.DEFINE_bool("tune-malloc", True,
@@ -279,8 +281,9 @@ def sampler_flops_per_image(parts: dict, name: str, steps: int, num_timesteps: i
 
 
 def benchmark_inference(models, variables, mesh, samplers, batches, repeats, flop_parts,
-                        num_timesteps, image_size):
-  """One row per (sampler, batch): compile time, then median/best of `repeats` calls."""
+                        num_timesteps, image_size, on_row=None):
+  """One row per (sampler, batch): compile time, then median/best of `repeats` calls;
+  `on_row(row)` after each."""
   rows = []
   key = jax.random.PRNGKey(1)
   for batch in batches:
@@ -308,13 +311,16 @@ def benchmark_inference(models, variables, mesh, samplers, batches, repeats, flo
                                                          num_timesteps) / 1e9
       rows.append(row)
       _print_progress("inference", row)
+      if on_row:
+        on_row(row)
       del compiled
   return rows
 
 
 def benchmark_training(models, config, mesh, stages, batches, repeats, want_flops,
-                       known_flops_per_image=None):
-  """One row per (stage, batch): the jitted, donating step of `train.make_train_steps`.
+                       known_flops_per_image=None, on_row=None):
+  """One row per (stage, batch): the jitted, donating step of `train.make_train_steps`;
+  `on_row(row)` after each.
 
   `known_flops_per_image` maps (stage, batch) to FLOPs per image already counted (the joint
   iteration at training.batch_size of `summary.flops_per_image`), so that its step is not
@@ -338,6 +344,8 @@ def benchmark_training(models, config, mesh, stages, batches, repeats, want_flop
         row["gflop_per_image"] = flops / 1e9
       rows.append({"stage": stage, "batch": batch, **row})
       _print_progress("training", rows[-1])
+      if on_row:
+        on_row(rows[-1])
   return rows
 
 
@@ -409,8 +417,12 @@ def format_table(result: dict) -> str:
 
 
 def run(config, batches, train_batches, only, sampler_entries, stages, repeats,
-        matmul_size=4096, matmul_repeats=6, want_flops=True) -> dict:
-  """Measures everything asked for and returns the JSON-ready result dict."""
+        matmul_size=4096, matmul_repeats=6, want_flops=True, on_row=None) -> dict:
+  """Measures everything asked for and returns the JSON-ready result dict.
+
+  `on_row(result)`, if given, is called after every finished row with the result so far (its
+  rows included), so that a run stopped midway (a time budget, a kill) keeps what it measured.
+  """
   mesh = sharding.make_mesh()
   for b in set(batches) | set(train_batches):
     if b % mesh.size:
@@ -433,6 +445,13 @@ def run(config, batches, train_batches, only, sampler_entries, stages, repeats,
   result["compile_s"], result["inference"], result["training"] = {}, [], []
   known_flops = {}  # (stage, batch) -> FLOPs per image counted for the inference rows
 
+  def keep(kind):
+    def add(row):
+      result[kind].append(row)
+      if on_row:
+        on_row(result)
+    return add
+
   if only != "training" and models.denoiser is not None:
     start = time.perf_counter()
     guidance_tx, denoiser_tx, _ = train_state.build_optimizers(config, steps_per_epoch=100)
@@ -452,13 +471,12 @@ def run(config, batches, train_batches, only, sampler_entries, stages, repeats,
         known_flops[("joint", config.training.batch_size)] = (
             flop_parts["training_joint_iteration"])
     samplers = _parse_samplers(sampler_entries, models.num_timesteps)
-    result["inference"] = benchmark_inference(models, variables, mesh, samplers, batches, repeats,
-                                              flop_parts, models.num_timesteps,
-                                              config.data.image_size)
+    benchmark_inference(models, variables, mesh, samplers, batches, repeats, flop_parts,
+                        models.num_timesteps, config.data.image_size, keep("inference"))
     del variables
   if only != "inference":
-    result["training"] = benchmark_training(models, config, mesh, stages, train_batches, repeats,
-                                            want_flops, known_flops)
+    benchmark_training(models, config, mesh, stages, train_batches, repeats, want_flops,
+                       known_flops, keep("training"))
   for r in result["inference"]:
     result["compile_s"][f"sample {r['sampler']}:{r['steps']} batch {r['batch']}"] = r["compile_s"]
   for r in result["training"]:
@@ -557,7 +575,9 @@ def main(argv):
     _write_json(result)
     return
   result = run(config, batches, train_batches, _ONLY.value, _SAMPLERS.value, _STAGES.value,
-               _REPEATS.value, _MATMUL_SIZE.value, _MATMUL_REPEATS.value, _FLOPS.value)
+               _REPEATS.value, _MATMUL_SIZE.value, _MATMUL_REPEATS.value, _FLOPS.value,
+               on_row=lambda partial: _write_json({**partial, "complete": False}, quiet=True))
+  result["complete"] = True
   paper = _is_paper_config(config)
   if official:
     add_comparison(result, official)
@@ -573,10 +593,12 @@ def main(argv):
   _write_json(result)
 
 
-def _write_json(result: dict) -> None:
+def _write_json(result: dict, quiet: bool = False) -> None:
+  """--json: `result`, atomically (after each row with 'complete': False, at the end True)."""
   if _JSON.value and jax.process_index() == 0:  # every process measured the same steps
     files.write_json(_JSON.value, result, indent=2, default=float)
-    print(f"\nwrote {_JSON.value}")
+    if not quiet:
+      print(f"\nwrote {_JSON.value}")
 
 
 if __name__ == "__main__":
