@@ -24,3 +24,23 @@ def tiny_config():
   """A fresh copy of configs/test.py (tiny models on the synthetic demo data)."""
   from configs import test as test_config  # pylint: disable=g-import-not-at-top
   return test_config.get_config
+
+
+# Tests of compiled numerics on JAX's default backend (the sampler, networks, convolutions,
+# losses, diffusion maths, bfloat16, parity with torch, training end to end): the tests that
+# need a GPU. experiments/speed/gpu_check.py runs them there (`pytest -m device`); on a CPU they run
+# like the rest.
+DEVICE_MODULES = ("denoiser_test", "diffusion_test", "fast_conv_test", "losses_test",
+                  "mixed_precision_test", "models_test", "parity_test", "sampler_test",
+                  "train_test")
+
+
+def pytest_configure(config):
+  config.addinivalue_line("markers", "device: compiled numerics on JAX's default backend; "
+                          "experiments/speed/gpu_check.py runs these on the GPU")
+
+
+def pytest_collection_modifyitems(items):
+  for item in items:
+    if item.path.stem in DEVICE_MODULES:
+      item.add_marker(pytest.mark.device)
