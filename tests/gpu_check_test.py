@@ -1,7 +1,9 @@
-"""experiments/speed/gpu_check.py: the stage budget that stops a stage and keeps its finished
-rows, and its refusals."""
+"""experiments/speed/gpu_check.py: its dry run (the GPU check's stages on the CPU at tiny
+sizes), the stage budget that stops a stage and keeps its finished rows, and its refusals."""
 
+import json
 import os
+import re
 import subprocess
 import sys
 
@@ -13,6 +15,45 @@ sys.path.insert(0, os.path.join(conftest.REPO, "experiments", "speed"))
 import gpu_check  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 _SCRIPT = os.path.join(conftest.REPO, "experiments", "speed", "gpu_check.py")
+
+
+def _table_rows(text: str) -> list[tuple[str, str, int]]:
+  """(dtype, what, batch) of every row of the report's table."""
+  rows = []
+  for line in text.splitlines():
+    cells = [c.strip() for c in line.strip().strip("|").split("|")]
+    if line.startswith("| ") and cells[0] in ("float32", "bfloat16"):
+      rows.append((cells[0], cells[1], int(cells[2])))
+  return rows
+
+
+def test_the_dry_run_runs_every_stage_and_prints_one_table(tmp_path):
+  out = tmp_path / "out"
+  env = dict(os.environ,  # the tests' compilation cache: a second run compiles nothing
+             JAX_COMPILATION_CACHE_DIR=os.environ["DIFFMIC_COMPILATION_CACHE"],
+             JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0.5")
+  # A budget far above the stages' own: a busy machine slows every stage, and the budgets'
+  # arithmetic has its own test below.
+  proc = subprocess.run([sys.executable, _SCRIPT, "--dry-run", "--out", str(out),
+                         "--budget-s", "3000"], cwd=conftest.REPO, env=env, capture_output=True,
+                        text=True, timeout=3300, check=False)
+  assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+  assert sorted(_table_rows(proc.stdout)) == sorted(
+      (dtype, what, 2) for dtype in ("float32", "bfloat16")
+      for what in ("official_truncated 5 steps", "warmup step", "joint step"))
+  # Within what the device tool brings back from $OUT: 8 files at most, none in a sub-folder.
+  assert sorted(os.listdir(out)) == sorted(
+      ["gpu_check.md", "gpu_check.json", "gpu_check.log"]
+      + [f"{k}_{d}.json" for k in ("inference", "training") for d in ("float32", "bfloat16")])
+  stages = json.loads((out / "gpu_check.json").read_text())["stages"]
+  assert list(stages) == ["environment", "inference_float32", "training_float32",
+                          "inference_bfloat16", "training_bfloat16", "tests"]
+  assert all(s["status"] == "ok" for s in stages.values())
+  collected = re.match(r"(\d+)/(\d+) tests collected", stages["tests"]["last_line"])
+  assert collected and 0 < int(collected[1]) < int(collected[2])  # the `device` tests only
+  for name in ("inference_float32", "training_bfloat16"):
+    assert json.loads((out / f"{name}.json").read_text())["complete"] is True
+  assert (out / "gpu_check.md").read_text().strip() in proc.stdout
 
 
 _PARTIAL = {"device": "1x gpu:Some GPU", "config": {"dtype": "bfloat16"}, "complete": False,
