@@ -52,7 +52,7 @@ def test_train_writes_metrics_checkpoints_and_reports(trained, tiny_config):
   assert again["diffusion"] == results["diffusion"]
   rows = open(os.path.join(workdir, "eval", "test_predictions.csv")).read().splitlines()
   assert len(rows) == 1 + results["diffusion"]["num_examples"]
-  assert rows[0].startswith("id,label,prediction,dcg_fused_prediction,p_")
+  assert rows[0].startswith("id,label,prediction,vote_share,vote_entropy,dcg_fused_prediction,p_")
   with pytest.warns(DeprecationWarning, match="use evaluate.evaluate_checkpoint"):
     latest = train.evaluate_checkpoint(tiny_config(), workdir, split="val", checkpoint="18")
   split = json.load(open(os.path.join(workdir, "split.json")))
