@@ -91,14 +91,9 @@ class Checkpointer:
                               f"available: {sorted(manager.all_steps())}")
     stored = manager.item_metadata(step)["state"]
     check_structure(stored, abstract_state, f"{manager.directory}/{step}")
-    # Every leaf is restored replicated on all devices of this job (the train state always is),
-    # whatever devices and processes saved it: a checkpoint of a 2-process run restores on one
-    # CPU, and the other way round.
-    everywhere = sharding.replicated(sharding.make_mesh())
-    target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=everywhere),
-                          abstract_state)
     restored = manager.restore(step, args=ocp.args.Composite(
-        state=ocp.args.StandardRestore(target), meta=ocp.args.JsonRestore()))
+        state=ocp.args.StandardRestore(replicated_target(abstract_state)),
+        meta=ocp.args.JsonRestore()))
     return restored["state"], restored["meta"]
 
   def restore_newest_intact(self, kind: str, abstract_state):
@@ -184,6 +179,14 @@ class Checkpointer:
       manager.close()
 
 
+def replicated_target(tree):
+  """Restore targets for `tree`'s leaves (anything with shape and dtype), replicated on all
+  devices of this job: the train state always is, whatever devices and processes saved it (a
+  checkpoint of a 2-process run restores on one CPU, and the other way round)."""
+  everywhere = sharding.replicated(sharding.make_mesh())
+  return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=everywhere), tree)
+
+
 def _steps(folder: str) -> list[int]:
   """The finished checkpoints of one manager folder (Orbax names them by the step)."""
   if not os.path.isdir(folder):
@@ -230,10 +233,7 @@ def read_state(path: str) -> tuple[dict, str]:
   checkpointer = ocp.StandardCheckpointer()
   item = os.path.join(folder, "state")
   stored = checkpointer.metadata(item).item_metadata.tree
-  everywhere = sharding.replicated(sharding.make_mesh())
-  target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=everywhere),
-                        stored)
-  return checkpointer.restore(item, target), folder
+  return checkpointer.restore(item, replicated_target(stored)), folder
 
 
 def check_structure(stored, expected, where: str) -> None:
