@@ -142,10 +142,11 @@ def load_official_file(path: str, trust: bool = False):
   object) can only be read with `weights_only=False`, which executes code stored in the file;
   that is done only when the user passes --trust-checkpoint for a file they trust.
   """
-  torch = pretrained.require_torch()
   if not os.path.exists(path):
-    raise FileNotFoundError(f"checkpoint {path} does not exist")
-  pretrained.check_torch_file(path)
+    raise FileNotFoundError(f"{path}: no such file; expected an official ckpt*.pth / "
+                            "aux_ckpt*.pth written by torch.save")
+  pretrained.check_torch_file(path)  # a missing, foreign or truncated file: named, without torch
+  torch = pretrained.require_torch()
   try:
     return torch.load(path, map_location="cpu", weights_only=True)
   except pickle.UnpicklingError as e:
@@ -163,32 +164,73 @@ def load_official_file(path: str, trust: bool = False):
     raise errors.UserError(f"{path}: not a readable PyTorch checkpoint ({e})") from e
 
 
+# What each official file holds (REFERENCE.md §6.2), for errors.
+DENOISER_FILE = ("the official ckpt*.pth: a list [state_dict, optimizer_state, epoch, "
+                 "step(, ema_shadow)] of the ConditionalModel, or a dict holding its state_dict "
+                 "under 'state_dict' (PyTorch Lightning)")
+DCG_FILE = ("the official aux_ckpt*.pth: a list [state_dict, optimizer_state] of the DCG, or a "
+            "dict holding its state_dict under 'state_dict' (PyTorch Lightning)")
+
+
 def _is_state_dict(obj) -> bool:
   return isinstance(obj, Mapping) and bool(obj) and all(hasattr(v, "shape") for v in obj.values())
 
 
+def _describe(obj) -> str:
+  """A short description of what a file held instead of a checkpoint."""
+  if isinstance(obj, Mapping):
+    keys = [str(k) for k in list(obj)[:5]]
+    return f"a dict with keys {keys}{' ...' if len(obj) > 5 else ''}"
+  return type(obj).__name__
+
+
+def _check_official_keys(state_dict: Mapping, prefix: str, model: str, path: str,
+                         expected: str) -> None:
+  """Raises unless `state_dict` holds the official `model`'s tensors (keys `prefix`...), e.g. for
+  a Lightning checkpoint of another model, or the two files swapped."""
+  keys = list(_strip_data_parallel(state_dict))
+  if not any(k.startswith(prefix) for k in keys):
+    raise ValueError(f"{path}: the state_dict holds no tensor of the official {model} "
+                     f"({prefix}*; it has {len(keys)} tensors, e.g. {sorted(keys)[:3]}); "
+                     f"expected {expected}")
+
+
+def _step(value) -> int:
+  return int(value) if isinstance(value, (int, np.integer)) else 0
+
+
 def parse_denoiser_checkpoint(obj, path: str):
-  """-> (state_dict, step, ema_shadow or None) from an official ckpt*.pth object."""
+  """-> (state_dict, step, ema_shadow or None) from an official ckpt*.pth object.
+
+  Accepts the official list, a bare state_dict, and a dict holding the state_dict under
+  'state_dict' (a PyTorch Lightning .ckpt: its 'global_step' becomes the step).
+  """
   if _is_state_dict(obj):
-    return obj, 0, None
-  if not isinstance(obj, (list, tuple)) or not obj or not _is_state_dict(obj[0]):
-    raise ValueError(f"{path}: expected the official list [state_dict, optimizer_state, epoch, "
-                     f"step(, ema_shadow)], got {type(obj).__name__}")
-  step = int(obj[3]) if len(obj) > 3 and isinstance(obj[3], (int, np.integer)) else 0
-  ema = obj[4] if len(obj) > 4 and _is_state_dict(obj[4]) else None
-  return obj[0], step, ema
+    state_dict, step, ema = obj, 0, None
+  elif isinstance(obj, Mapping) and _is_state_dict(obj.get("state_dict")):
+    state_dict, step, ema = obj["state_dict"], _step(obj.get("global_step")), None
+  elif isinstance(obj, (list, tuple)) and obj and _is_state_dict(obj[0]):
+    state_dict, step = obj[0], (_step(obj[3]) if len(obj) > 3 else 0)
+    ema = obj[4] if len(obj) > 4 and _is_state_dict(obj[4]) else None
+  else:
+    raise ValueError(f"{path}: expected {DENOISER_FILE}; got {_describe(obj)}")
+  _check_official_keys(state_dict, "encoder_x.", "ConditionalModel", path, DENOISER_FILE)
+  return state_dict, step, ema
 
 
 def parse_aux_checkpoint(obj, path: str):
-  """-> DCG state_dict from an official aux_ckpt*.pth object ([state_dict, optimizer_state])."""
+  """-> DCG state_dict from an official aux_ckpt*.pth object ([state_dict, optimizer_state], a
+  bare state_dict, or a dict holding it under 'state_dict')."""
   if _is_state_dict(obj):
-    return obj
-  if isinstance(obj, Mapping) and _is_state_dict(obj.get("state_dict")):
-    return obj["state_dict"]
-  if isinstance(obj, (list, tuple)) and obj and _is_state_dict(obj[0]):
-    return obj[0]
-  raise ValueError(f"{path}: expected the official list [state_dict, optimizer_state], got "
-                   f"{type(obj).__name__}")
+    state_dict = obj
+  elif isinstance(obj, Mapping) and _is_state_dict(obj.get("state_dict")):
+    state_dict = obj["state_dict"]
+  elif isinstance(obj, (list, tuple)) and obj and _is_state_dict(obj[0]):
+    state_dict = obj[0]
+  else:
+    raise ValueError(f"{path}: expected {DCG_FILE}; got {_describe(obj)}")
+  _check_official_keys(state_dict, "ds_net.", "DCG", path, DCG_FILE)
+  return state_dict
 
 
 # ---------------------------------------------------------------------------------------------

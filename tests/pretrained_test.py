@@ -231,7 +231,7 @@ def test_wrong_shape_is_named():
 
 
 def test_not_a_resnet_is_rejected():
-  with pytest.raises(pretrained.WeightMismatchError, match="not a torchvision ResNet"):
+  with pytest.raises(pretrained.WeightMismatchError, match="expected a torchvision ResNet"):
     pretrained.convert_torchvision({"features.0.weight": np.zeros((3,))}, source="vgg.pth")
 
 
@@ -567,3 +567,49 @@ def test_official_files_load_with_weights_only(tmp_path):
   assert step == 5 and shadow is not None and set(shadow) == set(ema)
   aux_sd = convert.parse_aux_checkpoint(convert.load_official_file(aux), aux)
   assert set(aux_sd) == set(dcg.state_dict())
+
+
+def _lightning(module, step):
+  """A PyTorch Lightning-style checkpoint of `module`: its state_dict beside the trainer's keys."""
+  return {"state_dict": module.state_dict(), "epoch": 1, "global_step": step,
+          "optimizer_states": [{}], "lr_schedulers": [], "pytorch-lightning_version": "2.0.0"}
+
+
+def test_lightning_checkpoints_convert_like_the_official_files(tmp_path):
+  """A Lightning .ckpt whose 'state_dict' holds the official model's tensors gives the state the
+  official list gives (its global_step the step); one of the other model is refused by name."""
+  cfg = tiny_config()
+  model, dcg = official_models(cfg)
+  ckpt, aux = _official_files(tmp_path, model, dcg, step=9)
+  l_ckpt = save_pth(_lightning(model, 9), tmp_path / "model.ckpt")
+  l_aux = save_pth(_lightning(dcg, 9), tmp_path / "dcg.ckpt")
+  sd, step, shadow = convert.parse_denoiser_checkpoint(convert.load_official_file(l_ckpt), l_ckpt)
+  aux_sd = convert.parse_aux_checkpoint(convert.load_official_file(l_aux), l_aux)
+  assert step == 9 and shadow is None
+  ref_sd, _, _ = convert.parse_denoiser_checkpoint(convert.load_official_file(ckpt), ckpt)
+  ref_aux = convert.parse_aux_checkpoint(convert.load_official_file(aux), aux)
+  state = convert.build_official_state(cfg, sd, aux_sd, step=step)
+  reference = convert.build_official_state(cfg, ref_sd, ref_aux, step=9)
+  assert int(state.step) == 9
+  for ours, ref in zip(jax.tree.leaves(state), jax.tree.leaves(reference), strict=True):
+    np.testing.assert_array_equal(np.asarray(ours), np.asarray(ref))
+  # The files swapped: each names its file and the model it should hold.
+  with pytest.raises(ValueError, match=r"dcg.ckpt: the state_dict holds no tensor of the "
+                                       r"official ConditionalModel \(encoder_x\.\*"):
+    convert.parse_denoiser_checkpoint(convert.load_official_file(l_aux), l_aux)
+  with pytest.raises(ValueError, match=r"model.ckpt: the state_dict holds no tensor of the "
+                                       r"official DCG \(ds_net\.\*.*expected the official "
+                                       r"aux_ckpt"):
+    convert.parse_aux_checkpoint(convert.load_official_file(l_ckpt), l_ckpt)
+
+
+def test_torchvision_lightning_ckpt_reads_its_state_dict(tmp_path):
+  """A Lightning .ckpt of a torchvision ResNet (the state_dict under 'state_dict') converts like
+  the .pth of the same weights."""
+  net = tiny_torch_resnet("basic", (1, 1), 8, seed=3)
+  pth = save_pth(net.state_dict(), tmp_path / "r.pth")
+  ckpt = save_pth(_lightning(net, 4), tmp_path / "r.ckpt")
+  ours, ref = pretrained.load_trunk(ckpt), pretrained.load_trunk(pth)
+  assert ours[1] == ref[1] and ours[0].keys() == ref[0].keys()
+  for key in ref[0]:
+    np.testing.assert_array_equal(ours[0][key], ref[0][key])

@@ -306,7 +306,7 @@ def test_refused_pickle_is_one_line(tmp_path):
 def test_damaged_official_checkpoint_is_one_line(tmp_path):
   torch = pytest.importorskip("torch")
   good = tmp_path / "ckpt.pth"
-  torch.save([{"w": torch.zeros(2)}, {}, 0, 0], good)
+  torch.save([{"encoder_x.f.0.weight": torch.zeros(2)}, {}, 0, 0], good)  # parses as a ckpt.pth
   truncated = tmp_path / "aux_ckpt.pth"
   truncated.write_bytes(good.read_bytes()[:100])
   env = {**os.environ, "PYTHONPATH": conftest.REPO}
@@ -321,6 +321,71 @@ def test_damaged_official_checkpoint_is_one_line(tmp_path):
     USER_ERROR_OUTPUTS.append((args, proc.stdout + proc.stderr))
     assert proc.returncode == 1
     assert f"error: {name}: " in proc.stderr and "PyTorch checkpoint" in proc.stderr
+
+
+def _bad_weight_file(kind, folder):
+  """Writes a file that is not a checkpoint of the expected kind into `folder`; returns its path
+  (a path that does not exist for 'missing')."""
+  if kind in ("tensor", "torch_list", "lightning"):
+    torch = pytest.importorskip("torch")
+    obj = {"tensor": torch.zeros(3, 4), "torch_list": [1, 2, 3],
+           # PyTorch Lightning's layout, its state_dict of another model (keys 'model.*').
+           "lightning": {"state_dict": {"model.w": torch.zeros(2)}, "epoch": 3,
+                         "global_step": 100, "optimizer_states": [],
+                         "pytorch-lightning_version": "2.0.0"}}[kind]
+    path = folder / ("model.ckpt" if kind == "lightning" else f"{kind}.pth")
+    torch.save(obj, path)
+  elif kind == "pickled_list":
+    import pickle  # pylint: disable=g-import-not-at-top
+    path = folder / "list.pth"
+    path.write_bytes(pickle.dumps([1, 2, 3]))
+  elif kind == "npz":
+    path = folder / "weights.npz"
+    np.savez(path, x=np.ones((3, 4)), y=np.arange(5))
+  elif kind == "missing":
+    path = folder / "missing.pth"
+  else:  # random bytes
+    path = folder / "random.pth"
+    path.write_bytes(np.random.default_rng(0).bytes(4096))
+  return path
+
+
+@pytest.mark.parametrize("command", ["official", "torchvision"])
+@pytest.mark.parametrize("kind, official, torchvision", [
+    ("tensor", "got Tensor", "got Tensor"),
+    ("torch_list", "got list", "got list"),
+    ("pickled_list", "(a Python pickle); expected a file written by torch.save",
+     "(a Python pickle); expected a file written by torch.save"),
+    ("lightning", "the state_dict holds no tensor of the official ConditionalModel",
+     "no 'conv1.weight'; expected a torchvision ResNet state_dict"),
+    ("npz", "a zip archive without the data.pkl of a PyTorch checkpoint", "no 'conv1.weight'"),
+    ("missing", "no such file; expected an official", "no such file; expected a torchvision"),
+    ("random_bytes", "not a PyTorch checkpoint", "not a PyTorch checkpoint"),
+])
+def test_convert_refuses_what_is_not_a_checkpoint_in_one_line(tmp_path, command, kind, official,
+                                                              torchvision):
+  """Hostile round: convert given a plain tensor, a list, a Lightning .ckpt of another model, a
+  random .npz, random bytes or no file at all: one `error:` line naming the file and what was
+  expected, exit status 1, nothing written (the official workdir stays empty)."""
+  bad = _bad_weight_file(kind, tmp_path)
+  workdir, output = tmp_path / "run", tmp_path / "out" / "trunk.npz"
+  workdir.mkdir()
+  if command == "official":
+    args = ["official", "--config", "configs/test.py", f"--ckpt={bad}", f"--aux-ckpt={bad}",
+            f"--workdir={workdir}"]
+  else:
+    args = ["torchvision", "--arch=resnet18", f"--input={bad}", f"--output={output}"]
+  proc = subprocess.run([sys.executable, "-m", "diffmic_jax.convert", *args], cwd=conftest.REPO,
+                        env={**os.environ, "PYTHONPATH": conftest.REPO}, capture_output=True,
+                        text=True, timeout=120)
+  USER_ERROR_OUTPUTS.append((args, proc.stdout + proc.stderr))
+  assert proc.returncode == 1, proc.stderr[-3000:]
+  assert "Traceback" not in proc.stderr and not proc.stdout
+  lines = proc.stderr.strip().splitlines()
+  assert [line for line in lines if line.startswith("error: ")] == lines[-1:], proc.stderr
+  assert lines[-1].startswith(f"error: {bad}: ")
+  assert (official if command == "official" else torchvision) in lines[-1]
+  assert not os.listdir(workdir) and not output.parent.exists()
 
 
 def test_diverging_training_stops_with_one_line_and_keeps_its_checkpoint(tmp_path):

@@ -218,7 +218,7 @@ def torch_trunk_signature(state_dict: Mapping[str, np.ndarray], source: str) -> 
   """Infers block kind, stage sizes and width of a torchvision ResNet state_dict."""
   if "conv1.weight" not in state_dict:
     raise WeightMismatchError(
-        f"{source}: no 'conv1.weight'; this is not a torchvision ResNet state_dict (first keys: "
+        f"{source}: no 'conv1.weight'; expected a torchvision ResNet state_dict (first keys: "
         f"{list(state_dict)[:5]})")
   return _signature(state_dict, _TORCH_BLOCK, ".conv3.", np.shape(state_dict["conv1.weight"])[0])
 
@@ -270,47 +270,59 @@ def torch_to_numpy(value):
 
 
 def read_state_dict(path: str) -> dict:
-  """Reads a torchvision-style state_dict from .pth/.pt, .safetensors or .npz.
+  """Reads a torchvision-style state_dict from .pth/.pt/.ckpt, .safetensors or .npz.
 
   .pth needs torch and is read with `weights_only=True` (plain tensors only; torchvision's
   published weights load this way). A dict holding the state_dict under 'state_dict' or
-  'model' is unwrapped.
+  'model' is unwrapped (a PyTorch Lightning .ckpt holds it under 'state_dict').
   """
-  if not os.path.exists(path):
-    raise FileNotFoundError(f"weight file {path} does not exist")
-  ext = os.path.splitext(path)[1].lower()
-  readers = {".pth": _read_pth, ".pt": _read_pth, ".bin": _read_pth,
+  readers = {".pth": _read_pth, ".pt": _read_pth, ".bin": _read_pth, ".ckpt": _read_pth,
              ".safetensors": _read_safetensors, ".npz": _read_npz}
+  if not os.path.exists(path):
+    raise FileNotFoundError(f"{path}: no such file; expected a torchvision state_dict "
+                            f"({', '.join(sorted(readers))})")
+  ext = os.path.splitext(path)[1].lower()
   if ext not in readers:
     raise ValueError(f"{path}: unknown weight file extension {ext!r}; choose from "
                      f"{sorted(readers)}")
   return readers[ext](path)
 
 
+# A legacy (pre-1.6) torch.save file is a series of pickles, the first being this number.
+_LEGACY_TORCH_MAGIC = b"\x8a\x0a" + (0x1950a86a20f9469cfc6c).to_bytes(10, "little")
+
+
 def check_torch_file(path: str) -> None:
-  """Raises naming the file unless it looks like a complete torch.save file: a zip archive whose
-  entries pass their CRC, or a legacy (pre-1.6) pickle. torch's own error for a truncated or
-  foreign file is a bare traceback."""
+  """Raises naming the file unless it looks like a complete torch.save file: a zip archive
+  holding a `data.pkl` whose entries pass their CRC, or a legacy (pre-1.6) pickle series that
+  starts with torch's magic number. torch's own errors for a truncated or foreign file (a
+  NumPy .npz, a plain pickle) are bare tracebacks or blame unsupported pickle opcodes."""
+  expected = "expected a file written by torch.save"
   with open(path, "rb") as f:
-    head = f.read(2)
-  if head == b"PK":
+    head = f.read(32)
+  if head[:2] == b"PK":
     try:
       with zipfile.ZipFile(path) as archive:
+        names = archive.namelist()
         bad = archive.testzip()
     except (zipfile.BadZipFile, OSError, EOFError) as e:
-      raise errors.UserError(f"{path}: truncated or damaged PyTorch checkpoint ({e}); expected "
-                             "a complete file written by torch.save (download it again)") from e
+      raise errors.UserError(f"{path}: truncated or damaged PyTorch checkpoint ({e}); {expected} "
+                             "(download it again)") from e
+    if not any(name.endswith("data.pkl") for name in names):
+      held = ", ".join(names[:3]) + (", ..." if len(names) > 3 else "")
+      raise errors.UserError(f"{path}: a zip archive without the data.pkl of a PyTorch "
+                             f"checkpoint (holds {held}; a NumPy .npz?); {expected}")
     if bad is not None:
       raise errors.UserError(f"{path}: damaged PyTorch checkpoint (entry {bad} fails its CRC); "
                              "download it again")
-  elif head[:1] != b"\x80":  # legacy torch files are pickles (protocol opcode 0x80)
-    raise errors.UserError(f"{path}: not a PyTorch checkpoint (starts with {head!r}); expected "
-                           "a file written by torch.save")
+  elif _LEGACY_TORCH_MAGIC not in head:
+    kind = "a Python pickle" if head[:1] == b"\x80" else f"starts with {head[:2]!r}"
+    raise errors.UserError(f"{path}: not a PyTorch checkpoint ({kind}); {expected}")
 
 
 def _read_pth(path):
-  torch = require_torch()
   check_torch_file(path)
+  torch = require_torch()
   try:
     obj = torch.load(path, map_location="cpu", weights_only=True)
   except (pickle.UnpicklingError, RuntimeError, EOFError) as e:
