@@ -613,6 +613,24 @@ def test_checkpoints_without_config_json_are_refused_not_recreated(reference, ti
       "config.json was missing"]
 
 
+def test_training_command_refuses_checkpoints_without_config_json_in_one_line(tmp_path):
+  """The same from the command line: one `error:` line, exit status 1, and config.json is not
+  re-created (a checkpoint folder is all the refusal looks at, so an empty one stands in)."""
+  workdir = tmp_path / "run"
+  (workdir / "checkpoints" / "4").mkdir(parents=True)
+  (workdir / "metrics.jsonl").write_text('{"step": 0}\n')
+  proc = _main("--config", "configs/test.py", "--workdir", str(workdir), timeout=120)
+  assert proc.returncode == 1, proc.stderr[-3000:]
+  lines = proc.stderr.strip().splitlines()
+  assert lines[-1] == (f"error: {workdir / 'config.json'} is missing, but "
+                       f"{workdir / 'checkpoints'} holds checkpoints: nothing to check this config "
+                       "against; restore config.json, use a new --workdir, or pass "
+                       "--config.training.allow_config_change=True to resume with this config "
+                       "(e.g. from converted official weights)")
+  assert sorted(os.listdir(workdir)) == [".lock", "checkpoints", "metrics.jsonl"]
+  assert (workdir / "metrics.jsonl").read_text() == '{"step": 0}\n'
+
+
 def test_fields_of_the_final_test_only_are_accepted_on_resume(tiny_config, tmp_path):
   """Hostile round: diffusion.predict_num_samples was refused on resume, though it only changes
   the final test."""
