@@ -3,6 +3,7 @@ bad inputs answered with one line, and diverged predictions that never crash a r
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -700,6 +701,28 @@ def test_launcher_refuses_zero_processes_in_one_line_with_status_1(capsys):
     launch.main(["--num_processes", "0", "--", "--config", "configs/test.py"])
   assert e.value.code == 1
   assert capsys.readouterr().err == "error: --num_processes=0; expected >= 1\n"
+
+
+def test_launched_batch_that_does_not_split_over_the_processes_is_refused_before_they_connect(
+    tmp_path):
+  """Hostile round: `launch --num_processes 3` with the batch of 8 buried the right error in 40
+  lines of gRPC logs. Every process refuses before the processes connect: the field's line, the
+  launcher's line naming the process that ended first, exit status 1, nothing written."""
+  env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+  workdir = tmp_path / "run"
+  proc = subprocess.run(
+      [sys.executable, "-m", "diffmic_jax.launch", "--num_processes", "3", "--", "--config",
+       "configs/test.py", "--workdir", str(workdir)], cwd=conftest.REPO,
+      env={**env, "PYTHONPATH": conftest.REPO}, capture_output=True, text=True, timeout=120)
+  assert proc.returncode == 1, proc.stderr[-3000:]
+  assert not proc.stdout and not workdir.exists()
+  field = ("error: config.training.batch_size=8 must be divisible by the number of processes "
+           "(3)")
+  lines = proc.stderr.strip().splitlines()
+  launcher = [line for line in lines if line != field]
+  assert field in lines and len(launcher) == 1, proc.stderr[-3000:]
+  assert re.fullmatch(r"error: process \d \(pid \d+\) exited with status 1; stopping the other 2",
+                      launcher[0]), proc.stderr[-3000:]
 
 
 @pytest.mark.parametrize("error, status, line", [
