@@ -185,6 +185,23 @@ def test_a_failing_process_stops_the_run():
   assert time.monotonic() - start < 28
 
 
+def test_checkpoint_barriers_never_go_through_the_devices(tmp_path):
+  # Issue 32: two-process runs aborted in a gloo collective mismatch at a checkpoint save once
+  # the compilation cache was warm (process 0 loads each program, the others compile it). Orbax's
+  # default barrier is a compiled all-reduce between the training step's collectives; the
+  # coordination service's barrier sends nothing through the devices.
+  done = subprocess.run([sys.executable, "-m", "diffmic_jax.launch", "--num_processes", "2",
+                         "--module", "tests.checkpoint_barrier_worker", "--", str(tmp_path)],
+                        cwd=conftest.REPO, env=_env(), capture_output=True, text=True,
+                        timeout=300)
+  assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+  reports = [line for line in done.stdout.splitlines() if "device barriers:" in line]
+  assert sorted(line.split(" device")[0] for line in reports) == ["process 0", "process 1"]
+  for line in reports:
+    assert json.loads(line.split("device barriers: ")[1]) == [], line
+  assert checkpointing.Checkpointer(str(tmp_path)).all_steps() == [1, 2]
+
+
 def test_process_env_gives_each_process_its_index_and_gpus():
   env = launch.process_env({"PATH": "/bin"}, 2, 4, "127.0.0.1:1234", gpus_per_process=2)
   assert env == {"PATH": "/bin", distributed.COORDINATOR_ENV: "127.0.0.1:1234",
