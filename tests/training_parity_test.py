@@ -115,3 +115,25 @@ def test_one_official_training_iteration_both_stages(fixture):
   assert len(rows) == len(GROUPS)
   failed = [f"{r['stage']}/{r['group']}" for r in rows if not r["passed"]]
   assert not failed, f"{failed}\n{table}"
+
+
+def test_trajectory_rows_compare_both_float32_runs_with_float64():
+  # Hand-worked: float64 losses 1, 2, 4, 5; ours off by 10 %, 0, 25 %, 20 %; official float32
+  # off by 5 %, 50 %, 0, 20 % (a tie is not "closer").
+  off64 = [1.0, 2.0, 4.0, 5.0]
+  ours = [1.1, 2.0, 5.0, 6.0]
+  off32 = [1.05, 3.0, 4.0, 4.0]
+  iterations = {run: [{name: v for name in harness.TRAJECTORY_SCALARS} for v in values]
+                for run, values in (("ours", ours), ("official_float32", off32),
+                                    ("official_float64", off64))}
+  rows = harness.trajectory_rows(iterations)
+  assert [r["scalar"] for r in rows] == list(harness.TRAJECTORY_SCALARS)
+  row = rows[0]
+  assert row["iterations"] == 4
+  np.testing.assert_allclose(row["rms_rel_ours_vs_official64"],
+                             np.sqrt((0.01 + 0 + 0.0625 + 0.04) / 4))
+  np.testing.assert_allclose(row["rms_rel_official32_vs_official64"],
+                             np.sqrt((0.0025 + 0.25 + 0 + 0.04) / 4))
+  np.testing.assert_allclose(row["median_rel_ours_vs_official64"], (0.1 + 0.2) / 2)
+  np.testing.assert_allclose(row["median_rel_official32_vs_official64"], (0.05 + 0.2) / 2)
+  assert row["ours_closer"] == 1  # iteration 2 only
