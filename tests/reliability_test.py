@@ -413,9 +413,11 @@ def test_no_traceback_in_user_errors():
 
 
 def _listing(folder):
-  """{relative path: size} of every file under `folder`."""
+  """{relative path: size} of every file under `folder` but the workdir lock, which every command
+  that takes it rewrites with its own pid (a number of another length, now and then)."""
   return {os.path.relpath(os.path.join(d, f), folder): os.path.getsize(os.path.join(d, f))
-          for d, _, names in os.walk(folder) for f in names}
+          for d, _, names in os.walk(folder) for f in names
+          if os.path.relpath(os.path.join(d, f), folder) != workdir_lib.LOCK_FILE}
 
 
 def test_convert_never_deletes_or_replaces_a_runs_checkpoints(tiny_config, tmp_path):
