@@ -35,7 +35,8 @@ setuptools.setup(
         "tensorboardX>=2.6",
     ],
     extras_require={
-        "test": ["pytest>=8"],
+        # pytest-xdist: pytest.ini runs the tests in two processes.
+        "test": ["pytest>=8", "pytest-xdist>=3.5"],
         "cuda": ["jax[cuda12]>=0.10.2"],
         # Optional: weight conversion from .pth / .safetensors files (tests skip without them).
         "torch": ["torch==2.13.0", "safetensors"],

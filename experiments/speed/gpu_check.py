@@ -122,8 +122,11 @@ def stages(dry_run: bool, out: str) -> list[dict]:
       todo.append({"name": name, "command": command, "json": os.path.join(out, f"{name}.json")})
   order = ["inference_float32", "training_float32", "inference_bfloat16", "training_bfloat16"]
   todo.sort(key=lambda s: order.index(s["name"]))
+  # `-o addopts=`: one process (pytest.ini asks for two, through pytest-xdist, which a GPU
+  # machine may lack; the device tests share one GPU anyway).
   todo.append({"name": "tests", "command": [sys.executable, "-m", "pytest", "-q", "-m", "device",
-                                            "-p", "no:cacheprovider", *sizes["tests"],
+                                            "-o", "addopts=", "-p", "no:cacheprovider",
+                                            *sizes["tests"],
                                             os.path.join(_REPO, "tests")],
                # Some tests start `python -m diffmic_jax.main` processes of their own: none may
                # take 75 % of the GPU's memory at its start, as JAX does by default.
