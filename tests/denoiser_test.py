@@ -46,7 +46,7 @@ def test_folded_denoise_equals_the_module(width, t, feature_major):
   features, y, cond = _inputs(width)
   t = jnp.asarray(t, jnp.int32)
   expected = _reference(model, variables, features, y, cond, t)
-  folded = denoiser.fold_for_sampling(variables, feature_major=feature_major)
+  folded = denoiser.fold_for_sampling(variables)
   got = jax.jit(denoiser.denoise_folded, static_argnums=5)(
       folded, features.T if feature_major else features, y, cond, t, feature_major)
   assert got.shape == (B, C) and got.dtype == jnp.float32

@@ -23,10 +23,10 @@ def image_denoiser(models, variables, images):
   dvars = variables["denoiser"]
   features = models.denoiser.apply(dvars, images, train=False,
                                    method=denoiser_lib.NoiseModel.encode)
-  # Once per call, outside the chain's scan: BatchNorm folded, weights and ρ(x) feature-major
-  # (a batch of one keeps the stored layout: a matrix-vector product is fastest that way).
+  # Once per call, outside the chain's scan: BatchNorm folded, weights [F_out, F_in], ρ(x)
+  # feature-major (a batch of one stays [1, F]: a matrix-vector product h·Wᵀ is fastest).
   feature_major = images.shape[0] > 1
-  folded = denoiser_lib.fold_for_sampling(dvars, models.denoiser.dtype, feature_major)
+  folded = denoiser_lib.fold_for_sampling(dvars, models.denoiser.dtype)
   features = features.T if feature_major else features
 
   def denoise_fn(y, cond, t):

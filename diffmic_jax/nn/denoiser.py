@@ -111,15 +111,17 @@ class NoiseModel(nn.Module):
 # `denoise_folded`. Two changes, both exact up to float32 rounding:
 # - BatchNorm with running statistics folded into the γ tables: BN(γ_t ⊙ (W·u + b)) =
 #   (γ_t ⊙ s) ⊙ (W·u + b) + (β − μ·s), s = scale / √(var + ε);
-# - for batches of more than one image, feature-major activations h [F, B] with weights
-#   [F_out, F_in] (PyTorch's layout). XLA's CPU dot is fastest with the contracted dimension
-#   minor on both sides and the wide dimension as rows: at B=32, F=6144 a [F, F] × [F, B]
-#   product runs at the machine's matmul peak, 1.35× faster than `u @ W` with W [in, out]
-#   (experiments/speed/README.md, "Speed on an AVX-512 CPU"). The transpose must happen outside the
-#   `lax.scan`: written inside, XLA folds it into the dot and re-reads the kernel transposed at
-#   every step (4.8× slower). A single image is a matrix-vector product, which XLA runs
-#   fastest as u [1, F] @ W [F, F] (8.8 against 12.8 ms per step on 2 cores), so batch 1 keeps
-#   the stored layout.
+# - weights [F_out, F_in] (PyTorch's layout), transposed once per call. XLA's CPU dot is fastest
+#   with the contracted dimension minor on both sides. For batches of more than one image the
+#   activations are feature-major too, h [F, B], and the wide dimension is the rows: at B=32,
+#   F=6144 a [F, F] × [F, B] product runs at the machine's matmul peak, 1.35× faster than
+#   `u @ W` with W [in, out] (experiments/speed/README.md, "Speed on an AVX-512 CPU"). A single
+#   image is a matrix-vector product, h [1, F] · Wᵀ, which streams each weight row once: on
+#   the 2-vCPU Zen 4, 4.6 against 5.8 ms per 6144 × 6144 product for u @ W [in, out] and
+#   5.4-6.3 ms for W · h (median of 5 interleaved 100-step rounds, both XLA dot libraries;
+#   experiments/speed/matvec_formats.py). The transpose must happen outside the `lax.scan`:
+#   written inside, XLA folds it into the dot and re-reads the kernel transposed at every step
+#   (4.8× slower).
 
 _CONDITIONAL_LAYERS = (("lin1", "norm1"), ("lin2", "norm2"), ("lin3", "norm3"))
 
@@ -130,38 +132,37 @@ def _bn_scale_shift(params, stats, epsilon):
   return s, params["bias"] - stats["mean"] * s
 
 
-def fold_for_sampling(variables, dtype=jnp.float32, feature_major: bool = True) -> dict:
-  """Eval-mode `NoiseModel.denoise` weights in the sampler's layout (see above).
+def fold_for_sampling(variables, dtype=jnp.float32) -> dict:
+  """Eval-mode `NoiseModel.denoise` weights in the sampler's layout (see above): every kernel
+  [F_out, F_in], for either activation layout of `denoise_folded`.
 
   Args:
     variables: the denoiser's Flax variables {'params', 'batch_stats'}.
     dtype: the model's compute dtype (`NoiseModel.dtype`).
-    feature_major: weights [F_out, F_in] (for `denoise_folded(..., feature_major=True)`);
-      False keeps Flax's [F_in, F_out].
 
   Returns:
     {'lin1'|'lin2'|'lin3': {'w', 'b': [F], 'gamma': [T + 1, F] γ ⊙ s, 'shift': [F]},
     'lin4': {'w', 'b': [C]}}.
   """
   params, stats = variables["params"], variables["batch_stats"]
-  layout = (lambda kernel: kernel.T) if feature_major else (lambda kernel: kernel)
   folded = {}
   for lin, norm in _CONDITIONAL_LAYERS:
     dense = params[lin]["lin"]["dense"]
     s, c = _bn_scale_shift(params[norm], stats[norm], layers.BatchNorm.epsilon)
-    folded[lin] = {"w": layout(dense["kernel"]).astype(dtype), "b": dense["bias"].astype(dtype),
+    folded[lin] = {"w": dense["kernel"].T.astype(dtype), "b": dense["bias"].astype(dtype),
                    "gamma": (params[lin]["embed"]["embedding"] * s[None, :]).astype(dtype),
                    "shift": c.astype(dtype)}
   dense = params["lin4"]["dense"]
-  folded["lin4"] = {"w": layout(dense["kernel"]).astype(dtype), "b": dense["bias"].astype(dtype)}
+  folded["lin4"] = {"w": dense["kernel"].T.astype(dtype), "b": dense["bias"].astype(dtype)}
   return folded
 
 
 def _linear(layer, h, feature_major):
-  """W·h + b: [F_out, F_in] × [F_in, B] -> [F_out, B], or [B, F_in] @ [F_in, F_out]."""
+  """W·h + b with W [F_out, F_in]: h [F_in, B] -> [F_out, B] (feature-major), or
+  h [B, F_in] -> [B, F_out] as h·Wᵀ."""
   if feature_major:
     return jax.lax.dot_general(layer["w"], h, (((1,), (0,)), ((), ()))) + layer["b"][:, None]
-  return h @ layer["w"] + layer["b"][None, :]
+  return jax.lax.dot_general(h, layer["w"], (((1,), (1,)), ((), ()))) + layer["b"][None, :]
 
 
 def _per_feature(v, feature_major):
@@ -182,12 +183,13 @@ def denoise_folded(folded, features, y_t, conditioning, t, feature_major: bool =
   """`NoiseModel.denoise(..., train=False)` on `fold_for_sampling` weights.
 
   Args:
-    folded: from `fold_for_sampling` with the same `feature_major`.
+    folded: from `fold_for_sampling`.
     features: ρ(x), [F, B] (transposed once per sampling call) if feature_major, else [B, F].
     y_t: [B, C] noisy label vector.
     conditioning: [B, C·conditioning_width] ŷ.
     t: [] or [B] integer timesteps.
-    feature_major: the layout of `folded` and `features`.
+    feature_major: the layout of the activations and `features`: [F, B] (batches of several
+      images) or [B, F] (one image: matrix-vector products h·Wᵀ).
 
   Returns:
     [B, C] float32 ε̂.
