@@ -232,7 +232,12 @@ def _parse_flags(argv):
   other bad flag reported as one line, not a traceback."""
   try:
     argv = _with_config(argv)
-    return flags.FLAGS(argv)
+    rest = flags.FLAGS(argv)
+    if len(rest) > 1:  # words that are no flag: a copied `[--x]`, a value without its --name
+      raise errors.UserError(
+          f"unexpected argument(s) {' '.join(rest[1:])}: every option is --name=value or "
+          "--name value (a boolean: --name or --noname), typed without the usage's [ ]")
+    return rest
   except (errors.UserError, flags.Error) as e:
     print(f"error: {e}", file=sys.stderr)
     sys.exit(1)

@@ -194,6 +194,23 @@ def test_bad_config_values_are_refused_up_front(tmp_path, override, expected):
   assert not (tmp_path / "run" / "config.json").exists()
 
 
+@pytest.mark.parametrize("stray", [
+    ["[--output", "runs/demo/predict]"],  # a usage line copied with its [optional] brackets
+    ["latest"],                           # `--checkpoint` forgotten before its value
+    ["--overlays", "False"],              # a boolean given a value: absl sets it, keeps 'False'
+])
+def test_stray_command_line_words_are_refused_before_anything_runs(tmp_path, stray):
+  """First-hour round: absl keeps words that are no flag as positional arguments, which main
+  ignored, so a mistyped command ran with other settings than the ones typed."""
+  proc = _main("--config", "configs/test.py", "--workdir", str(tmp_path / "run"), *stray,
+               "--config.data.name=image_folder", f"--config.data.manual_dir={tmp_path / 'no'}",
+               timeout=120)
+  assert proc.returncode == 1
+  words = [w for w in stray if not w.startswith("--")]
+  assert f"error: unexpected argument(s) {' '.join(words)}" in proc.stderr, proc.stderr[-2000:]
+  assert not (tmp_path / "run").exists()
+
+
 def _image(path, seed):
   from PIL import Image  # pylint: disable=g-import-not-at-top
   os.makedirs(os.path.dirname(path), exist_ok=True)
