@@ -208,3 +208,19 @@ def test_latest_checkpoint_deleted_while_read_is_read_again(trained, tiny_config
   _, variables = evaluate.load_variables(tiny_config(), workdir, "latest")
   assert deleted == [steps[-1]] and variables["denoiser"]
   assert "was deleted while it was read" in caplog.text
+
+
+def test_a_unanimous_vote_has_entropy_zero_not_minus_zero(tmp_path):
+  """First-hour round: -Σ p log p of a unanimous vote is -0.0, which both CSVs printed as
+  '-0.000000' for every confident case."""
+  predictions = {"prediction": np.array([1]), "labels": np.array([1]),
+                 "vote_probs": np.array([[0.0, 1.0]]), "vote_entropy": np.array([-0.0]),
+                 "probs": np.array([[0.4, 0.6]]), "entropy": np.array([-0.0]),
+                 "interval_separated": np.array([True]), "fused": np.array([[0.0, 2.0]])}
+  row = dict(zip(predict.prediction_header(["a", "b"]),
+                 predict.prediction_rows(["x.png"], predictions, ["a", "b"])[0]))
+  assert row["vote_entropy"] == "0.000000" and row["softmax_entropy"] == "0.000000"
+  (tmp_path / "eval").mkdir()
+  evaluate.write_predictions(predictions, ["x"], ["a", "b"], str(tmp_path), "test")
+  with open(tmp_path / "eval" / "test_predictions.csv", newline="") as f:
+    assert next(csv.DictReader(f))["vote_entropy"] == "0.000000"
