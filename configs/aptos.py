@@ -1,6 +1,6 @@
 """APTOS 2019 blindness detection, 5 grades: the official aptos.yml settings (REFERENCE.md §1.3).
 
-Run (GPU; needs the ImageNet ResNet-50 weights for paper-level accuracy, see README):
+Run (GPU; needs the ImageNet ResNet-50 weights for paper-level accuracy, see docs/pretrained.md):
   python -m diffmic_jax.main --config configs/aptos.py --workdir runs/aptos \
       --config.data.manual_dir=/path/to/aptos2019-blindness-detection \
       --config.guidance.pretrained=resnet50.npz

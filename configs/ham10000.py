@@ -1,6 +1,6 @@
 """HAM10000 / ISIC 2018 Task 3, 7 classes: the official isic.yml settings (REFERENCE.md §1.3).
 
-Run (GPU; needs the ImageNet ResNet-50 weights for paper-level accuracy, see README):
+Run (GPU; needs the ImageNet ResNet-50 weights for paper-level accuracy, see docs/pretrained.md):
   python -m diffmic_jax.main --config configs/ham10000.py --workdir runs/ham10000 \
       --config.data.manual_dir=/path/to/HAM10000 --config.guidance.pretrained=resnet50.npz
 Paper (Table 1): accuracy 0.906, macro F1 0.816.
