@@ -83,6 +83,11 @@ def _run(argv) -> None:
   workdir = _WORKDIR.value
   if _MODE.value in ("eval", "predict"):
     workdir_lib.check_eval_config(config, workdir)
+    if _argv_value(sys.argv, "config") is None and not _given("config.training.distributed"):
+      # The run's config.json of a run trained by several processes says distributed=True:
+      # how it was launched, not the model. One process evaluates it unless the command says
+      # otherwise (the launcher and a SLURM command pass --config.training.distributed=True).
+      config.training.distributed = False
   if _MODE.value == "predict":
     if not _INPUT.value:
       raise ValueError("--mode predict needs --input PATH (an image, a folder or a CSV)")
@@ -191,6 +196,11 @@ def _make_configs_importable(path: str) -> None:
     sys.path.insert(0, os.path.dirname(folder))
   if _REPO_ROOT not in sys.path and os.path.isdir(os.path.join(_REPO_ROOT, "configs")):
     sys.path.append(_REPO_ROOT)
+
+
+def _given(name: str) -> bool:
+  """Whether the command line set flag `name` (a `config.a.b` override exists only then)."""
+  return name in flags.FLAGS and flags.FLAGS[name].present
 
 
 def _argv_value(argv, name: str):

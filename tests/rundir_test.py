@@ -113,6 +113,28 @@ def test_a_config_that_changes_the_model_is_refused_listing_the_fields(run48, tm
   assert _snapshot(workdir) == before
 
 
+def test_a_run_trained_by_several_processes_evaluates_from_its_workdir_alone(run48, tmp_path):
+  """First-hour round: a run trained with `diffmic_jax.launch` records training.distributed=True,
+  and `--mode eval --workdir W` then waited for a coordinator ('error: coordinator_address
+  should be defined'). How a run was launched is no part of the model: one process evaluates."""
+  workdir, final_test = run48
+  launched = str(tmp_path / "launched")
+  shutil.copytree(workdir, launched)
+  config_path = os.path.join(launched, "config.json")
+  saved = json.load(open(config_path))
+  saved["training"]["distributed"] = True  # as the launcher's --config.training.distributed=True
+  with open(config_path, "w") as f:
+    json.dump(saved, f)
+  proc = _main("--workdir", launched, "--mode", "eval", cwd=tmp_path)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  assert _read(os.path.join(launched, "eval", "test_predictions.csv")) == final_test
+  assert json.load(open(config_path))["training"]["distributed"] is True  # the record is kept
+  # Said on the command line (the launcher, SLURM), it is honoured: here no job to join.
+  proc = _main("--workdir", launched, "--mode", "eval", "--config.training.distributed=True",
+               cwd=tmp_path)
+  assert proc.returncode == 1 and "coordinator" in proc.stderr, proc.stderr[-3000:]
+
+
 def test_eval_config_check_lets_sampling_fields_differ(run48, tiny_config):
   workdir, _ = run48
   config = workdir_lib.read_config(os.path.join(workdir, "config.json"))
