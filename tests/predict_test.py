@@ -91,6 +91,43 @@ def test_predict_folder_matches_eval_mode_and_lists_bad_files(trained, tiny_conf
   assert len(os.listdir(os.path.join(trained, "eval", "overlays"))) == len(split["test"])
 
 
+def test_batch_size_for_a_few_images():
+  assert predict.batch_size_for(1, 64, 1) == 1
+  assert predict.batch_size_for(3, 64, 2) == 4  # a multiple of the devices
+  assert predict.batch_size_for(64, 64, 1) == 64
+  assert predict.batch_size_for(500, 64, 2) == 64
+  assert predict.batch_size_for(0, 64, 2) == 2  # nothing readable: one tiny padded batch
+
+
+def test_a_few_images_run_as_one_small_batch_with_eval_mode_predictions(
+    trained, tiny_config, tmp_path, monkeypatch):
+  """Fewer images than training.eval_batch_size: one batch of just those images, whose rows
+  get the noise of the full batch, so --mode eval's predictions (float32 round-off aside)."""
+  config = tiny_config()
+  _, good = _test_split_folder(config, trained, tmp_path / "in")
+  few = 3
+  assert config.training.eval_batch_size > few
+  with open(tmp_path / "few.csv", "w", newline="") as f:
+    csv.writer(f).writerows([["path"]] + [[p] for p in good[:few]])
+  shapes = []
+  real = evaluate.predict
+  def recording(models, variables, batches, *args, **kwargs):
+    shapes.extend(b["image"].shape[0] for b in batches)
+    return real(models, variables, batches, *args, **kwargs)
+  monkeypatch.setattr(evaluate, "predict", recording)
+  predict.predict_files(config, trained, str(tmp_path / "few.csv"), str(tmp_path / "out"))
+  assert shapes == [few]
+  rows = _read(tmp_path / "out" / "predictions.csv")
+  evaluated = _read(os.path.join(trained, "eval", "test_predictions.csv"))[:few]
+  names = json.load(open(os.path.join(trained, "split.json")))["class_names"]
+  assert [r["path"] for r in rows] == good[:few]
+  for mine, theirs in zip(rows, evaluated):
+    assert mine["prediction"] == names[int(theirs["prediction"])]
+    assert mine["vote_share"] == theirs["vote_share"]
+    np.testing.assert_allclose([float(mine[f"p_{n}"]) for n in names],
+                               [float(theirs[f"p_{n}"]) for n in names], atol=2e-6)
+
+
 def test_predict_csv_with_relative_missing_and_bad_paths(trained, tiny_config, tmp_path):
   _, good = _test_split_folder(tiny_config(), trained, tmp_path / "in")
   listing = tmp_path / "in" / "list.csv"
