@@ -234,14 +234,14 @@ def test_latest_checkpoint_deleted_while_read_is_read_again(trained, tiny_config
   workdir = str(tmp_path / "run")
   shutil.copytree(trained, workdir)
   steps = sorted(int(s) for s in os.listdir(os.path.join(workdir, "checkpoints")) if s.isdigit())
-  restore = checkpointing.Checkpointer.restore
+  restore = checkpointing.Checkpointer.restore_fields
   deleted = []
-  def deleted_by_training(self, kind, step, abstract_state):
+  def deleted_by_training(self, kind, step, abstract_state, fields):
     if not deleted:  # the run's next save removes the checkpoint being read
       deleted.append(step)
       shutil.rmtree(os.path.join(workdir, "checkpoints", str(step)))
-    return restore(self, kind, step, abstract_state)
-  monkeypatch.setattr(checkpointing.Checkpointer, "restore", deleted_by_training)
+    return restore(self, kind, step, abstract_state, fields)
+  monkeypatch.setattr(checkpointing.Checkpointer, "restore_fields", deleted_by_training)
   _, variables = evaluate.load_variables(tiny_config(), workdir, "latest")
   assert deleted == [steps[-1]] and variables["denoiser"]
   assert "was deleted while it was read" in caplog.text

@@ -108,6 +108,26 @@ def test_load_variables_for_the_library_sampler(trained, tiny_config):
     evaluate.load_variables(tiny_config(), workdir, checkpoint="7")
 
 
+def test_load_variables_reads_only_the_models_of_the_checkpoint(trained, tiny_config):
+  """The models (and the EMA with optim.eval_with_ema), equal to those of the whole state."""
+  workdir, _ = trained
+  run = run_lib.prepare(tiny_config(), workdir)
+  abstract = train_state.abstract_train_state(run.models, run.config)
+  state, _ = run.checkpointer.restore("best", None, abstract)
+  fields = run.checkpointer.restore_fields("best", None, abstract, ("guidance", "ema"))
+  assert sorted(fields) == ["ema", "guidance"]
+  jax.tree.map(np.testing.assert_array_equal, fields, {"guidance": state.guidance,
+                                                       "ema": state.ema})
+  _, variables = evaluate.load_variables(tiny_config(), workdir, checkpoint="best")
+  jax.tree.map(np.testing.assert_array_equal, variables,
+               {"guidance": state.guidance, "denoiser": state.denoiser})
+  config = tiny_config()
+  config.optim.eval_with_ema = True
+  _, variables = evaluate.load_variables(config, workdir, checkpoint="best")
+  jax.tree.map(np.testing.assert_array_equal, variables["denoiser"],
+               {**state.denoiser, "params": state.ema})
+
+
 def test_eval_with_ema_uses_the_ema_parameters(trained, tiny_config):
   workdir, _ = trained
   run = run_lib.prepare(tiny_config(), workdir)

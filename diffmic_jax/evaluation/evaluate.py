@@ -406,7 +406,8 @@ def load_variables(config, workdir: str, checkpoint: str = "best"):
     checkpointer = checkpointing.Checkpointer(workdir, config.training.keep_checkpoints)
     newest = checkpointer.latest_step(kind) if step is None else step
     try:
-      state, _ = checkpointer.restore(kind, newest, abstract)
+      fields = checkpointer.restore_fields(kind, newest, abstract, INFERENCE_FIELDS + (
+          ("ema",) if config.optim.eval_with_ema else ()))
       break
     except Exception:  # pylint: disable=broad-except
       # Only a checkpoint that vanished under us is read again; anything else is raised.
@@ -417,8 +418,16 @@ def load_variables(config, workdir: str, checkpoint: str = "best"):
                       "run saved a newer one); reading the newest again", workdir, newest)
     finally:
       checkpointer.close()
-  return models, inference_variables(state, config.optim.eval_with_ema)
+  variables = {"guidance": fields["guidance"]}
+  if models.denoiser is not None:
+    variables = eval_variables({**variables, "denoiser": fields["denoiser"]}, fields.get("ema"),
+                               config.optim.eval_with_ema)
+  return models, variables
 
+
+# The train-state fields `load_variables` reads (and 'ema' with optim.eval_with_ema): not the
+# optimiser states.
+INFERENCE_FIELDS = ("guidance", "denoiser")
 
 # How often `load_variables` reads 'latest' again when a training run deletes it meanwhile.
 LATEST_RETRIES = 3

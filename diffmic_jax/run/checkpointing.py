@@ -7,6 +7,7 @@ the data-iterator position and bookkeeping. Orbax writes into a temporary direct
 it when complete, so a checkpoint interrupted by a crash or `kill -9` is never restored.
 """
 
+import dataclasses
 import os
 import shutil
 
@@ -81,6 +82,41 @@ class Checkpointer:
       FileNotFoundError: no such checkpoint.
       ValueError: the checkpoint's structure, shapes or dtypes differ from the expected ones.
     """
+    manager, step = self._checked_step(kind, step, abstract_state)
+    restored = manager.restore(step, args=ocp.args.Composite(
+        state=ocp.args.StandardRestore(replicated_target(abstract_state)),
+        meta=ocp.args.JsonRestore()))
+    return restored["state"], restored["meta"]
+
+  def restore_fields(self, kind: str, step, abstract_state, fields) -> dict:
+    """Only some fields of a checkpointed train state, {name: pytree}, reading only their
+    arrays: evaluation and prediction need the models, not the optimiser states or the EMA
+    (two to three times the models' bytes in a trained run).
+
+    Args:
+      kind, step: as `restore`.
+      abstract_state: the whole expected train state (a dataclass pytree); the checkpoint is
+        checked against all of it, as by `restore`.
+      fields: names of `abstract_state`'s fields to read.
+
+    Raises:
+      as `restore`.
+    """
+    manager, step = self._checked_step(kind, step, abstract_state)
+    target = replicated_target(abstract_state)
+    skipped = {f.name: jax.tree.map(lambda _: ocp.PLACEHOLDER, getattr(target, f.name))
+               for f in dataclasses.fields(target) if f.name not in fields}
+    target = dataclasses.replace(target, **skipped)
+    # StandardRestore has no placeholders; the PyTree handler reads the same files.
+    with ocp.Checkpointer(ocp.PyTreeCheckpointHandler()) as reader:
+      restored = reader.restore(
+          os.path.join(str(manager.directory), str(step), "state"),
+          args=ocp.args.PyTreeRestore(
+              item=target, restore_args=ocp.checkpoint_utils.construct_restore_args(target)))
+    return {name: getattr(restored, name) for name in fields}
+
+  def _checked_step(self, kind: str, step, abstract_state):
+    """(manager, step) of an existing checkpoint whose structure matches `abstract_state`."""
     manager = self._managers[kind]
     step = manager.latest_step() if step is None else int(step)
     if step is None:
@@ -91,10 +127,7 @@ class Checkpointer:
                               f"available: {sorted(manager.all_steps())}")
     stored = manager.item_metadata(step)["state"]
     check_structure(stored, abstract_state, f"{manager.directory}/{step}")
-    restored = manager.restore(step, args=ocp.args.Composite(
-        state=ocp.args.StandardRestore(replicated_target(abstract_state)),
-        meta=ocp.args.JsonRestore()))
-    return restored["state"], restored["meta"]
+    return manager, step
 
   def restore_newest_intact(self, kind: str, abstract_state):
     """Restores the newest checkpoint of `kind` that is intact, skipping damaged newer ones.
