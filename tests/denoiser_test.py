@@ -38,28 +38,38 @@ def _reference(model, variables, features, y, cond, t):
                      method=denoiser.NoiseModel.denoise)
 
 
-@pytest.mark.parametrize("feature_major", [True, False])
+@pytest.mark.parametrize("layout", denoiser.LAYOUTS)
 @pytest.mark.parametrize("width", [1, 2])
 @pytest.mark.parametrize("t", [7, np.array([0, 3, 11, 5, 7])])
-def test_folded_denoise_equals_the_module(width, t, feature_major):
+def test_folded_denoise_equals_the_module(width, t, layout):
   model, variables = _model_and_variables(width=width)
   features, y, cond = _inputs(width)
   t = jnp.asarray(t, jnp.int32)
   expected = _reference(model, variables, features, y, cond, t)
-  folded = denoiser.fold_for_sampling(variables)
+  folded = denoiser.fold_for_sampling(variables, layout=layout)
   got = jax.jit(denoiser.denoise_folded, static_argnums=5)(
-      folded, features.T if feature_major else features, y, cond, t, feature_major)
+      folded, features.T if layout == "feature_major" else features, y, cond, t, layout)
   assert got.shape == (B, C) and got.dtype == jnp.float32
   np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5)
 
 
-def test_folded_denoise_under_vmap_over_samples():
+def test_sampling_layout_by_rows_per_product():
+  assert denoiser.sampling_layout(32, 1) == denoiser.sampling_layout(2, 8) == "feature_major"
+  assert denoiser.sampling_layout(1, 1) == "vector"
+  assert denoiser.sampling_layout(1, 8) == "batch_major"
+  with pytest.raises(ValueError, match="layout='rows'"):
+    denoiser.fold_for_sampling(_model_and_variables()[1], layout="rows")
+
+
+@pytest.mark.parametrize("layout", denoiser.LAYOUTS)
+def test_folded_denoise_under_vmap_over_samples(layout):
   model, variables = _model_and_variables()
   features, y, cond = _inputs()
   ys = jnp.stack([y, 2 * y, -y])  # [S, B, C]: the sampler vmaps the chain over S keys
-  folded = denoiser.fold_for_sampling(variables)
+  folded = denoiser.fold_for_sampling(variables, layout=layout)
   t = jnp.asarray(4, jnp.int32)
-  got = jax.jit(jax.vmap(lambda y: denoiser.denoise_folded(folded, features.T, y, cond, t)))(ys)
+  rho = features.T if layout == "feature_major" else features
+  got = jax.jit(jax.vmap(lambda y: denoiser.denoise_folded(folded, rho, y, cond, t, layout)))(ys)
   for s in range(3):
     np.testing.assert_allclose(got[s], _reference(model, variables, features, ys[s], cond, t),
                                rtol=1e-5, atol=1e-5)

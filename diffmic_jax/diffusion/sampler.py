@@ -17,20 +17,21 @@ from diffmic_jax.diffusion import models as models_lib
 from diffmic_jax.nn import denoiser as denoiser_lib
 
 
-def image_denoiser(models, variables, images):
+def image_denoiser(models, variables, images, num_samples: int = 1):
   """ρ(x) of `images` [B, H, W, 3], computed once, and ε_θ(y_t, ŷ, t) on those features: the
-  `denoise_fn(y [B, C], cond [B, C·k], t)` that the chains call at every step."""
+  `denoise_fn(y [B, C], cond [B, C·k], t)` that the chains call at every step (`num_samples`
+  chains per image, vmapped by the caller)."""
   dvars = variables["denoiser"]
   features = models.denoiser.apply(dvars, images, train=False,
                                    method=denoiser_lib.NoiseModel.encode)
-  # Once per call, outside the chain's scan: BatchNorm folded, weights [F_out, F_in], ρ(x)
-  # feature-major (a batch of one stays [1, F]: a matrix-vector product h·Wᵀ is fastest).
-  feature_major = images.shape[0] > 1
-  folded = denoiser_lib.fold_for_sampling(dvars, models.denoiser.dtype)
-  features = features.T if feature_major else features
+  # Once per call, outside the chain's scan: BatchNorm folded, the weights (and ρ(x)) in the
+  # layout fastest for B × S rows (`denoiser.sampling_layout`).
+  layout = denoiser_lib.sampling_layout(images.shape[0], num_samples)
+  folded = denoiser_lib.fold_for_sampling(dvars, models.denoiser.dtype, layout)
+  features = features.T if layout == "feature_major" else features
 
   def denoise_fn(y, cond, t):
-    return denoiser_lib.denoise_folded(folded, features, y, cond, t, feature_major)
+    return denoiser_lib.denoise_folded(folded, features, y, cond, t, layout)
 
   return denoise_fn
 
@@ -86,7 +87,7 @@ def sample(models: models_lib.Models, variables, images, key, *, timesteps, num_
     y0 = logits["fused"][:, None, :]
   else:
     prior_mean, conditioning = models_lib.stream_inputs(models, logits)["fused"]
-    denoise_fn = image_denoiser(models, variables, images)
+    denoise_fn = image_denoiser(models, variables, images, num_samples)
     chain = functools.partial(run_chain, denoise_fn, models.schedule(), prior_mean, conditioning,
                               timesteps=timesteps, clip=models.clip_y0)
     y0 = jnp.moveaxis(jax.vmap(chain)(jax.random.split(key, num_samples)), 0, 1)

@@ -111,17 +111,22 @@ class NoiseModel(nn.Module):
 # `denoise_folded`. Two changes, both exact up to float32 rounding:
 # - BatchNorm with running statistics folded into the γ tables: BN(γ_t ⊙ (W·u + b)) =
 #   (γ_t ⊙ s) ⊙ (W·u + b) + (β − μ·s), s = scale / √(var + ε);
-# - weights [F_out, F_in] (PyTorch's layout), transposed once per call. XLA's CPU dot is fastest
-#   with the contracted dimension minor on both sides. For batches of more than one image the
-#   activations are feature-major too, h [F, B], and the wide dimension is the rows: at B=32,
-#   F=6144 a [F, F] × [F, B] product runs at the machine's matmul peak, 1.35× faster than
-#   `u @ W` with W [in, out] (experiments/speed/README.md, "Speed on an AVX-512 CPU"). A single
-#   image is a matrix-vector product, h [1, F] · Wᵀ, which streams each weight row once: on
-#   the 2-vCPU Zen 4, 4.6 against 5.8 ms per 6144 × 6144 product for u @ W [in, out] and
-#   5.4-6.3 ms for W · h (median of 5 interleaved 100-step rounds, both XLA dot libraries;
-#   experiments/speed/matvec_formats.py). The transpose must happen outside the `lax.scan`:
-#   written inside, XLA folds it into the dot and re-reads the kernel transposed at every step
-#   (4.8× slower).
+# - the weights and activations in the layout that XLA's CPU dot runs fastest for the number of
+#   rows each product sees (B images × S chains; `sampling_layout`):
+#   - 'feature_major', batches of several images: weights [F_out, F_in] (PyTorch's layout) and
+#     activations h [F, B], the contracted dimension minor on both sides and the wide one as
+#     rows: at B=32, F=6144 a [F, F] × [F, B] product runs at the machine's matmul peak, 1.35×
+#     faster than `u @ W` with W [in, out] (experiments/speed/README.md, "Speed on an AVX-512
+#     CPU");
+#   - 'vector', one image and one chain: weights [F_out, F_in], h [1, F], the product h·Wᵀ
+#     streams each weight row once: on the 2-vCPU Zen 4, 4.6 against 5.8 ms per 6144 × 6144
+#     product for u @ W [in, out] and 5.4-6.3 ms for W · h (median of 5 interleaved 100-step
+#     rounds, both XLA dot libraries; experiments/speed/matvec_formats.py);
+#   - 'batch_major', one image and several chains (vmapped: 8 rows at --mode predict's
+#     default): Flax's stored weights [F_in, F_out], h [S, F] @ W, 1.5× faster than h·Wᵀ or
+#     W · h at 8 rows on the same VM (another job running, 21 against 31 ms per product).
+#   Every transpose happens outside the `lax.scan`: written inside, XLA folds it into the dot
+#   and re-reads the kernel transposed at every step (4.8× slower).
 
 _CONDITIONAL_LAYERS = (("lin1", "norm1"), ("lin2", "norm2"), ("lin3", "norm3"))
 
@@ -132,37 +137,52 @@ def _bn_scale_shift(params, stats, epsilon):
   return s, params["bias"] - stats["mean"] * s
 
 
-def fold_for_sampling(variables, dtype=jnp.float32) -> dict:
-  """Eval-mode `NoiseModel.denoise` weights in the sampler's layout (see above): every kernel
-  [F_out, F_in], for either activation layout of `denoise_folded`.
+LAYOUTS = ("feature_major", "vector", "batch_major")
+
+
+def sampling_layout(batch: int, num_samples: int) -> str:
+  """The `LAYOUTS` entry for chains of `num_samples` samples of `batch` images (see above)."""
+  if batch > 1:
+    return "feature_major"
+  return "vector" if num_samples == 1 else "batch_major"
+
+
+def fold_for_sampling(variables, dtype=jnp.float32, layout: str = "feature_major") -> dict:
+  """Eval-mode `NoiseModel.denoise` weights in the sampler's layout (see above).
 
   Args:
     variables: the denoiser's Flax variables {'params', 'batch_stats'}.
     dtype: the model's compute dtype (`NoiseModel.dtype`).
+    layout: a `LAYOUTS` entry: kernels [F_in, F_out] for 'batch_major', else [F_out, F_in].
 
   Returns:
     {'lin1'|'lin2'|'lin3': {'w', 'b': [F], 'gamma': [T + 1, F] γ ⊙ s, 'shift': [F]},
     'lin4': {'w', 'b': [C]}}.
   """
+  if layout not in LAYOUTS:
+    raise ValueError(f"layout={layout!r}; expected one of {LAYOUTS}")
   params, stats = variables["params"], variables["batch_stats"]
+  kernel = (lambda k: k) if layout == "batch_major" else (lambda k: k.T)
   folded = {}
   for lin, norm in _CONDITIONAL_LAYERS:
     dense = params[lin]["lin"]["dense"]
     s, c = _bn_scale_shift(params[norm], stats[norm], layers.BatchNorm.epsilon)
-    folded[lin] = {"w": dense["kernel"].T.astype(dtype), "b": dense["bias"].astype(dtype),
+    folded[lin] = {"w": kernel(dense["kernel"]).astype(dtype), "b": dense["bias"].astype(dtype),
                    "gamma": (params[lin]["embed"]["embedding"] * s[None, :]).astype(dtype),
                    "shift": c.astype(dtype)}
   dense = params["lin4"]["dense"]
-  folded["lin4"] = {"w": dense["kernel"].T.astype(dtype), "b": dense["bias"].astype(dtype)}
+  folded["lin4"] = {"w": kernel(dense["kernel"]).astype(dtype), "b": dense["bias"].astype(dtype)}
   return folded
 
 
-def _linear(layer, h, feature_major):
-  """W·h + b with W [F_out, F_in]: h [F_in, B] -> [F_out, B] (feature-major), or
-  h [B, F_in] -> [B, F_out] as h·Wᵀ."""
-  if feature_major:
+def _linear(layer, h, layout):
+  """W·h + b in `layout`: W [F_out, F_in] × h [F_in, B] -> [F_out, B] ('feature_major');
+  h [B, F_in] -> [B, F_out] as h·Wᵀ ('vector') or h @ W with W [F_in, F_out] ('batch_major')."""
+  if layout == "feature_major":
     return jax.lax.dot_general(layer["w"], h, (((1,), (0,)), ((), ()))) + layer["b"][:, None]
-  return jax.lax.dot_general(h, layer["w"], (((1,), (1,)), ((), ()))) + layer["b"][None, :]
+  if layout == "vector":
+    return jax.lax.dot_general(h, layer["w"], (((1,), (1,)), ((), ()))) + layer["b"][None, :]
+  return h @ layer["w"] + layer["b"][None, :]
 
 
 def _per_feature(v, feature_major):
@@ -172,34 +192,36 @@ def _per_feature(v, feature_major):
   return v[:, None] if feature_major else v[None, :]
 
 
-def _conditional_folded(layer, h, t, feature_major):
+def _conditional_folded(layer, h, t, layout):
   """softplus(g_t ⊙ (W·h + b) + c); t [] or [B]."""
+  feature_major = layout == "feature_major"
   gamma = _per_feature(layer["gamma"][t], feature_major)
-  pre = _linear(layer, h, feature_major)
+  pre = _linear(layer, h, layout)
   return nn.softplus(gamma * pre + _per_feature(layer["shift"], feature_major))
 
 
-def denoise_folded(folded, features, y_t, conditioning, t, feature_major: bool = True):
+def denoise_folded(folded, features, y_t, conditioning, t, layout: str = "feature_major"):
   """`NoiseModel.denoise(..., train=False)` on `fold_for_sampling` weights.
 
   Args:
-    folded: from `fold_for_sampling`.
-    features: ρ(x), [F, B] (transposed once per sampling call) if feature_major, else [B, F].
+    folded: from `fold_for_sampling` with the same `layout`.
+    features: ρ(x), [F, B] (transposed once per sampling call) for 'feature_major', else
+      [B, F].
     y_t: [B, C] noisy label vector.
     conditioning: [B, C·conditioning_width] ŷ.
     t: [] or [B] integer timesteps.
-    feature_major: the layout of the activations and `features`: [F, B] (batches of several
-      images) or [B, F] (one image: matrix-vector products h·Wᵀ).
+    layout: a `LAYOUTS` entry (`sampling_layout`).
 
   Returns:
     [B, C] float32 ε̂.
   """
+  feature_major = layout == "feature_major"
   dtype = folded["lin1"]["w"].dtype
   u = jnp.concatenate([y_t, conditioning], axis=-1).astype(dtype)
   if feature_major:
     u = u.T  # [D, B]: tiny
-  h = _conditional_folded(folded["lin1"], u, t, feature_major) * features.astype(dtype)
-  h = _conditional_folded(folded["lin2"], h, t, feature_major)
-  h = _conditional_folded(folded["lin3"], h, t, feature_major)
-  out = _linear(folded["lin4"], h, feature_major)
+  h = _conditional_folded(folded["lin1"], u, t, layout) * features.astype(dtype)
+  h = _conditional_folded(folded["lin2"], h, t, layout)
+  h = _conditional_folded(folded["lin3"], h, t, layout)
+  out = _linear(folded["lin4"], h, layout)
   return (out.T if feature_major else out).astype(jnp.float32)
