@@ -1,11 +1,11 @@
 """Command line: the only module that reads flags.
 
   python -m diffmic_jax.main --config configs/demo.py --workdir runs/demo [--mode train]
-  python -m diffmic_jax.main --workdir runs/demo --mode eval \
-      [--checkpoint best|latest|STEP] [--split test|val|train]
+  python -m diffmic_jax.main --workdir runs/demo --mode eval
+      (options: --checkpoint best|latest|STEP, --split test|val|train)
   python -m diffmic_jax.main --config configs/ham10000.py --mode summary
-  python -m diffmic_jax.main --workdir runs/demo --mode predict \
-      --input PATH [--output OUT] [--checkpoint best|latest|STEP] [--overlays]
+  python -m diffmic_jax.main --workdir runs/demo --mode predict --input PATH
+      (options: --output OUT, --checkpoint best|latest|STEP, --overlays)
 
 `--config` is a Python config file (`get_config()`) or a resolved config.json of a run. Eval
 and predict read the run's own WORKDIR/config.json when --config is left out; fields that do
@@ -216,9 +216,15 @@ def _argv_value(argv, name: str):
   return None
 
 
+_HELP_FLAGS = ("-h", "-help", "--help", "-?", "--helpshort", "--helpfull", "--helpxml")
+
+
 def _with_config(argv) -> list[str]:
   """argv with --config resolved: a missing file is one line; left out, --mode eval|predict
   take WORKDIR/config.json (training writes it), train and summary refuse."""
+  if any(arg in _HELP_FLAGS for arg in argv[1:]):
+    # absl prints the help and exits, nothing needs a config; -h as in convert and launch.
+    return [argv[0], *("--help" if arg == "-h" else arg for arg in argv[1:])]
   path = _argv_value(argv, "config")
   if path is not None:
     config_file = path.split(":", 1)[0]  # ml_collections passes 'file.py:arg' to get_config

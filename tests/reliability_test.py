@@ -211,6 +211,18 @@ def test_stray_command_line_words_are_refused_before_anything_runs(tmp_path, str
   assert not (tmp_path / "run").exists()
 
 
+@pytest.mark.parametrize("asked", ["--help", "--helpfull", "-h"])
+def test_help_lists_the_flags_without_a_config(asked):
+  """First-hour round: `python -m diffmic_jax.main --help` answered 'error: --config is
+  required for --mode train' instead of the help."""
+  env = {**os.environ, "PYTHONPATH": conftest.REPO}
+  proc = subprocess.run([sys.executable, "-m", "diffmic_jax.main", asked], cwd=conftest.REPO,
+                        env=env, capture_output=True, text=True, timeout=120)
+  assert "error:" not in proc.stderr, proc.stderr[-2000:]
+  for flag in ("--workdir", "--mode", "--checkpoint", "--input", "--overlays"):
+    assert flag in proc.stdout, flag
+
+
 def _image(path, seed):
   from PIL import Image  # pylint: disable=g-import-not-at-top
   os.makedirs(os.path.dirname(path), exist_ok=True)
