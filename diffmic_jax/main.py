@@ -259,7 +259,11 @@ def _parse_flags(argv):
     sys.exit(1)
   except (AttributeError, KeyError) as e:  # raised by ml_collections for an unknown field
     bad = [a.split("=")[0] for a in argv[1:] if a.startswith("--config.")]
-    hint = " ".join(str(e.args[0] if e.args else e).replace("\\'", "'").split("\\n")).strip("'")
+    inner = e
+    while isinstance(inner, BaseException) and inner.args:  # ml_collections nests a KeyError
+      inner = inner.args[0]
+    name, _, suggestion = str(inner).partition("\n")  # "'field'\nDid you mean ...?"
+    hint = f"{name}; {suggestion[:1].lower()}{suggestion[1:]}" if suggestion else name
     print(f"error: unknown config field in {bad}: {hint}", file=sys.stderr)
     sys.exit(1)
 

@@ -211,6 +211,16 @@ def test_stray_command_line_words_are_refused_before_anything_runs(tmp_path, str
   assert not (tmp_path / "run").exists()
 
 
+def test_a_misspelled_field_is_one_line_with_the_suggestion(tmp_path):
+  proc = _main("--config", "configs/test.py", "--workdir", str(tmp_path / "run"),
+               "--config.training.num_epoch=3", timeout=120)
+  assert proc.returncode == 1
+  assert proc.stderr.splitlines()[-1] == (
+      "error: unknown config field in ['--config.training.num_epoch']: 'num_epoch'; did you "
+      "mean \"num_epochs\" instead of \"num_epoch\"?"), proc.stderr[-2000:]
+  assert not (tmp_path / "run").exists()
+
+
 @pytest.mark.parametrize("asked", ["--help", "--helpfull", "-h"])
 def test_help_lists_the_flags_without_a_config(asked):
   """First-hour round: `python -m diffmic_jax.main --help` answered 'error: --config is
