@@ -10,10 +10,10 @@ c2, full) uses this config.
 Time: 1 to 3 minutes per run on the 2-core AMD EPYC (Zen 4, AVX-512), sharing it with a second
 job. Result (test split, 119 images, mean ± std over seeds 0, 1, 2): full model, diffusion head
 macro-F1 0.558 ± 0.019 (accuracy 0.641 ± 0.005), its DCG 0.563 ± 0.032; `basic` 0.611 ± 0.019.
-Those runs predate the vote rule (docs/predict.md) and later changes: seed 0 rerun as written
-with the code of 2026-12-06 gives diffusion macro-F1 0.509 (accuracy 0.622, best checkpoint at
-step 533) against 0.552 for seed 0 in the study, in 296 s on that machine under load; the
-3-seed study has not been rerun since.
+Those runs predate the vote rule (docs/predict.md) and later changes. Rerun with the code of
+2026-12-06 (40-87 s a run on that machine, idle): diffusion macro-F1 0.572 ± 0.055 (accuracy
+0.669 ± 0.041), its DCG 0.610 ± 0.016, `dcg` alone 0.642 ± 0.030, `basic` 0.592 ± 0.025
+(experiments/accuracy/README.md, "Rerun with today's code").
 """
 
 from configs import busi
