@@ -10,10 +10,10 @@ saliency grid).
 Time: 1 to 3 minutes per run on the 2-core AMD EPYC (Zen 4, AVX-512), shared with a second job.
 Result (test split, 400 images, mean ± std over seeds 0, 1, 2): full model, diffusion head
 macro-F1 0.320 ± 0.018 (accuracy 0.502 ± 0.010), its DCG 0.351 ± 0.013; `basic` 0.362 ± 0.006.
-Those runs predate the vote rule (docs/predict.md) and later changes: seed 0 rerun as written
-with the code of 2026-12-06 gives diffusion macro-F1 0.276 (accuracy 0.473) against 0.318 for
-seed 0 in the study, in 183 s on that machine under load; the 3-seed study has not been rerun
-since.
+Those runs predate the vote rule (docs/predict.md) and later changes. Rerun with the code of
+2026-12-06 (42-92 s a run on that machine, idle): diffusion macro-F1 0.301 ± 0.021 (accuracy
+0.492 ± 0.017), its DCG 0.343 ± 0.021, `dcg` alone 0.343 ± 0.014, `basic` 0.377 ± 0.027
+(experiments/accuracy/README.md, "Rerun with today's code").
 """
 
 import os
