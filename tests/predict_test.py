@@ -13,6 +13,7 @@ import pytest
 from PIL import Image
 
 from diffmic_jax.data import demo
+from diffmic_jax.diffusion import sampler
 from diffmic_jax.evaluation import evaluate
 from diffmic_jax.evaluation import predict
 from diffmic_jax.platform import errors
@@ -248,11 +249,14 @@ def test_latest_checkpoint_deleted_while_read_is_read_again(trained, tiny_config
 
 
 def test_a_unanimous_vote_has_entropy_zero_not_minus_zero(tmp_path):
-  """First-hour round: -Σ p log p of a unanimous vote is -0.0, which both CSVs printed as
-  '-0.000000' for every confident case."""
+  """First-hour round: -Σ p log p of a unanimous vote was -0.0, which both CSVs (and the
+  overlays' titles) printed as '-0.000000' for every confident case."""
+  certain = np.array([[0.0, 1.0]])
+  vote_entropy = np.asarray(sampler.entropy(certain))
+  assert vote_entropy[0] == 0 and not np.signbit(vote_entropy[0])
   predictions = {"prediction": np.array([1]), "labels": np.array([1]),
-                 "vote_probs": np.array([[0.0, 1.0]]), "vote_entropy": np.array([-0.0]),
-                 "probs": np.array([[0.4, 0.6]]), "entropy": np.array([-0.0]),
+                 "vote_probs": certain, "vote_entropy": vote_entropy,
+                 "probs": np.array([[0.4, 0.6]]), "entropy": np.asarray(sampler.entropy(certain)),
                  "interval_separated": np.array([True]), "fused": np.array([[0.0, 2.0]])}
   row = dict(zip(predict.prediction_header(["a", "b"]),
                  predict.prediction_rows(["x.png"], predictions, ["a", "b"])[0]))

@@ -119,7 +119,9 @@ def vote_prediction(vote_probs, probs):
 
 def entropy(p):
   """[B] entropy (nats) of the rows of [B, C] distributions, with 0 · log 0 = 0."""
-  return -jnp.sum(p * jnp.log(jnp.clip(p, 1e-12, 1.0)), axis=-1)
+  # Σ p log p <= 0: its absolute value, not its negation, so that a certain row (a unanimous
+  # vote) has entropy +0.0 rather than -0.0, which every report printed as '-0.000000'.
+  return jnp.abs(jnp.sum(p * jnp.log(jnp.clip(p, 1e-12, 1.0)), axis=-1))
 
 
 # The guidance model's intermediates that explain a decision (`dcg.DCG` returns all three;

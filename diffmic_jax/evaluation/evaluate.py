@@ -206,7 +206,6 @@ def write_predictions(predictions: dict, ids, class_names, workdir: str, split: 
   ids = list(ids) if ids is not None else [str(i) for i in range(len(labels))]
   probs, votes = predictions["probs"], predictions["vote_probs"]
   fused = predictions["fused"].argmax(axis=1)
-  vote_entropy = np.abs(predictions["vote_entropy"])  # a unanimous vote's -0.0 printed as 0
   path = os.path.join(workdir, "eval", f"{split}_predictions.csv")
   with files.atomic_open(path, "w", newline="", encoding="utf-8",
                          errors="surrogateescape") as f:
@@ -216,7 +215,7 @@ def write_predictions(predictions: dict, ids, class_names, workdir: str, split: 
     for i, label in enumerate(labels):
       k = int(predictions["prediction"][i])  # -1: diverged
       writer.writerow([ids[i], int(label), k, f"{votes[i][k] if k >= 0 else 0.0:.6f}",
-                       f"{vote_entropy[i]:.6f}", int(fused[i])]
+                       f"{predictions['vote_entropy'][i]:.6f}", int(fused[i])]
                       + [f"{p:.6f}" for p in probs[i]])
 
 

@@ -180,16 +180,14 @@ def prediction_rows(paths, predictions: dict, names) -> list[list]:
   """The rows of predictions.csv of `paths` and their `evaluate.predict` outputs."""
   probs, votes = predictions["probs"], predictions["vote_probs"]
   dcg_probs = special.softmax(predictions["fused"].astype(np.float64), axis=1)
-  # Entropies are >= 0: abs() prints a unanimous vote's -Σ p log p = -0.0 as 0.000000.
-  vote_entropy, entropy = np.abs(predictions["vote_entropy"]), np.abs(predictions["entropy"])
   rows = []
   for i, path in enumerate(paths):
     k, g = int(predictions["prediction"][i]), int(dcg_probs[i].argmax())
     rows.append([path, names[k] if k >= 0 else "diverged", f"{votes[i][k] if k >= 0 else 0:.6f}",
-                 f"{vote_entropy[i]:.6f}",
+                 f"{predictions['vote_entropy'][i]:.6f}",
                  int(predictions["interval_separated"][i]), names[g], f"{dcg_probs[i, g]:.6f}"]
                 + [f"{p:.6f}" for p in probs[i]] + [f"{v:.6f}" for v in votes[i]]
-                + [f"{entropy[i]:.6f}"])
+                + [f"{predictions['entropy'][i]:.6f}"])
   return rows
 
 
