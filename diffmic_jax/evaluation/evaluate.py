@@ -315,9 +315,15 @@ def write_overlays(models, variables, source, predictions: dict, ids, class_name
 
 def inference_variables(state, use_ema: bool) -> dict:
   """{'guidance', 'denoiser'?} variables of a `train_state.TrainState` for evaluation."""
-  variables = {"guidance": state.guidance}
-  if state.denoiser:
-    variables = eval_variables({**variables, "denoiser": state.denoiser}, state.ema, use_ema)
+  return _model_variables(state.guidance, state.denoiser, state.ema, use_ema)
+
+
+def _model_variables(guidance, denoiser, ema, use_ema: bool) -> dict:
+  """{'guidance', 'denoiser'?} from a train state's fields; `denoiser` is {} without diffusion,
+  `ema` is read only with `use_ema`."""
+  variables = {"guidance": guidance}
+  if denoiser:
+    variables = eval_variables({**variables, "denoiser": denoiser}, ema, use_ema)
   return variables
 
 
@@ -417,11 +423,8 @@ def load_variables(config, workdir: str, checkpoint: str = "best"):
                       "run saved a newer one); reading the newest again", workdir, newest)
     finally:
       checkpointer.close()
-  variables = {"guidance": fields["guidance"]}
-  if models.denoiser is not None:
-    variables = eval_variables({**variables, "denoiser": fields["denoiser"]}, fields.get("ema"),
-                               config.optim.eval_with_ema)
-  return models, variables
+  return models, _model_variables(fields["guidance"], fields["denoiser"], fields.get("ema"),
+                                  config.optim.eval_with_ema)
 
 
 # The train-state fields `load_variables` reads (and 'ema' with optim.eval_with_ema): not the
