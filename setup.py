@@ -9,6 +9,8 @@ setuptools.setup(
     # configs/ too: configs import each other (`from configs import default`), and a copy of
     # one anywhere resolves them from the installed package.
     packages=setuptools.find_packages(include=["diffmic_jax", "diffmic_jax.*", "configs"]),
+    # The CPU handler of diffusion.sampler_weights='bfloat16', compiled on first use.
+    package_data={"diffmic_jax.nn": ["*.cc"]},
     python_requires=">=3.11",
     install_requires=[
         "jax>=0.10.2",

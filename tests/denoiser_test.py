@@ -85,3 +85,38 @@ def test_folded_denoise_in_bfloat16():
   got = denoiser.denoise_folded(folded, features.T, y, cond, t)
   scale = float(jnp.max(jnp.abs(expected)))
   np.testing.assert_allclose(got, expected, atol=0.03 * scale)
+
+
+def _kernels_rounded_to_bfloat16(variables):
+  """The module's variables with every dense kernel of ε_θ rounded to bfloat16 (in float32)."""
+  params = jax.tree_util.tree_map(lambda a: a, variables["params"])
+  for lin in ("lin1", "lin2", "lin3"):
+    dense = params[lin]["lin"]["dense"]
+    dense["kernel"] = dense["kernel"].astype(jnp.bfloat16).astype(jnp.float32)
+  dense = params["lin4"]["dense"]
+  dense["kernel"] = dense["kernel"].astype(jnp.bfloat16).astype(jnp.float32)
+  return {**variables, "params": params}
+
+
+@pytest.mark.parametrize("layout", denoiser.LAYOUTS)
+def test_bfloat16_sampler_weights_equal_the_module_with_rounded_kernels(layout):
+  """diffusion.sampler_weights='bfloat16': every layout computes the module with its dense
+  kernels rounded to bfloat16; 'vector' keeps them in bfloat16 (`bf16_matvec`), the others
+  widen them back to float32, so an image gets the same ε̂ in any batch."""
+  model, variables = _model_and_variables()
+  features, y, cond = _inputs()
+  t = jnp.asarray(np.array([0, 3, 11, 5, 7]), jnp.int32)
+  expected = _reference(model, _kernels_rounded_to_bfloat16(variables), features, y, cond, t)
+  unrounded = _reference(model, variables, features, y, cond, t)
+  folded = denoiser.fold_for_sampling(variables, layout=layout, weights="bfloat16")
+  stored = jnp.bfloat16 if layout == "vector" else jnp.float32
+  assert all(folded[lin]["w"].dtype == stored for lin in ("lin1", "lin2", "lin3", "lin4"))
+  got = jax.jit(denoiser.denoise_folded, static_argnums=5)(
+      folded, features.T if layout == "feature_major" else features, y, cond, t, layout)
+  np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-4)
+  assert float(jnp.max(jnp.abs(got - unrounded))) > 1e-3  # the rounding is real
+
+
+def test_bad_sampler_weights_are_refused():
+  with pytest.raises(ValueError, match="weights='int8'"):
+    denoiser.fold_for_sampling(_model_and_variables()[1], weights="int8")

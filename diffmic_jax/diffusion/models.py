@@ -68,6 +68,8 @@ class Models(NamedTuple):
     guidance_heads: ((report name, logits key), ...) of the guidance model (`GUIDANCE_HEADS`).
     clip_y0: bound on ŷ₀ inside the reverse chain (0 = off, the official behaviour).
     cond_dropout: probability that training hides the conditioning ŷ (replaced by 1/C).
+    sampler_weights: the sampler's copy of the denoiser's dense kernels, a
+      `denoiser.WEIGHT_FORMATS` entry ('bfloat16': rounded, for one image's speed on CPU).
   """
 
   guidance: nn.Module
@@ -84,6 +86,7 @@ class Models(NamedTuple):
   guidance_heads: tuple = GUIDANCE_HEADS["dcg"]
   clip_y0: float = 0.0
   cond_dropout: float = 0.0
+  sampler_weights: str = "float32"
 
   def schedule(self) -> diffusion.Schedule:
     return diffusion.linear_schedule(self.num_timesteps, self.beta_start, self.beta_end,
@@ -153,7 +156,8 @@ def create_models(config: ml_collections.ConfigDict) -> Models:
                 _choice(d.mmd_kernel, losses.KERNELS, "diffusion.mmd_kernel"), num_classes,
                 _choice(d.schedule_dtype, diffusion.SCHEDULE_DTYPES, "diffusion.schedule_dtype"),
                 GUIDANCE_HEADS[ablation["guidance"]], _clip_bound(d.clip_y0),
-                _probability(m.cond_dropout, "model.cond_dropout"))
+                _probability(m.cond_dropout, "model.cond_dropout"),
+                _choice(d.sampler_weights, denoiser.WEIGHT_FORMATS, "diffusion.sampler_weights"))
 
 
 def _probability(value, field) -> float:

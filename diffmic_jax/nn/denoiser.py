@@ -13,6 +13,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from diffmic_jax.nn import bf16_matvec
 from diffmic_jax.nn import layers
 from diffmic_jax.nn import resnet
 
@@ -127,6 +128,12 @@ class NoiseModel(nn.Module):
 #     W · h at 8 rows on the same VM (another job running, 21 against 31 ms per product).
 #   Every transpose happens outside the `lax.scan`: written inside, XLA folds it into the dot
 #   and re-reads the kernel transposed at every step (4.8× slower).
+# - Optionally (`weights='bfloat16'`, diffusion.sampler_weights) every dense kernel rounded to
+#   bfloat16, activations and sums kept in float32. The 'vector' layout (one image, one chain)
+#   then keeps the bfloat16 kernels themselves, as Flax stores them (one conversion per call,
+#   no transpose), and multiplies by `bf16_matvec.matvec`, which reads half the bytes; the
+#   other layouts widen the rounded kernels back to float32, so an image gets the same ε̂ in
+#   any batch up to float32 round-off.
 
 _CONDITIONAL_LAYERS = (("lin1", "norm1"), ("lin2", "norm2"), ("lin3", "norm3"))
 
@@ -138,6 +145,7 @@ def _bn_scale_shift(params, stats, epsilon):
 
 
 LAYOUTS = ("feature_major", "vector", "batch_major")
+WEIGHT_FORMATS = ("float32", "bfloat16")
 
 
 def sampling_layout(batch: int, num_samples: int) -> str:
@@ -147,13 +155,17 @@ def sampling_layout(batch: int, num_samples: int) -> str:
   return "vector" if num_samples == 1 else "batch_major"
 
 
-def fold_for_sampling(variables, dtype=jnp.float32, layout: str = "feature_major") -> dict:
+def fold_for_sampling(variables, dtype=jnp.float32, layout: str = "feature_major",
+                      weights: str = "float32") -> dict:
   """Eval-mode `NoiseModel.denoise` weights in the sampler's layout (see above).
 
   Args:
     variables: the denoiser's Flax variables {'params', 'batch_stats'}.
     dtype: the model's compute dtype (`NoiseModel.dtype`).
     layout: a `LAYOUTS` entry: kernels [F_in, F_out] for 'batch_major', else [F_out, F_in].
+    weights: a `WEIGHT_FORMATS` entry: 'bfloat16' rounds every dense kernel to bfloat16, kept
+      so, [F_in, F_out], in the 'vector' layout with a float32 `dtype` (`bf16_matvec`), else
+      widened to `dtype`.
 
   Returns:
     {'lin1'|'lin2'|'lin3': {'w', 'b': [F], 'gamma': [T + 1, F] γ ⊙ s, 'shift': [F]},
@@ -161,25 +173,35 @@ def fold_for_sampling(variables, dtype=jnp.float32, layout: str = "feature_major
   """
   if layout not in LAYOUTS:
     raise ValueError(f"layout={layout!r}; expected one of {LAYOUTS}")
+  if weights not in WEIGHT_FORMATS:
+    raise ValueError(f"weights={weights!r}; expected one of {WEIGHT_FORMATS}")
   params, stats = variables["params"], variables["batch_stats"]
-  kernel = (lambda k: k) if layout == "batch_major" else (lambda k: k.T)
+  if weights == "bfloat16" and layout == "vector" and jnp.dtype(dtype) == jnp.float32:
+    kernel = lambda k: k.astype(jnp.bfloat16)  # [F_in, F_out] for `bf16_matvec`: no transpose
+  else:
+    stored = ((lambda k: k.astype(dtype)) if weights == "float32"
+              else (lambda k: k.astype(jnp.bfloat16).astype(dtype)))
+    kernel = (lambda k: stored(k)) if layout == "batch_major" else (lambda k: stored(k.T))
   folded = {}
   for lin, norm in _CONDITIONAL_LAYERS:
     dense = params[lin]["lin"]["dense"]
     s, c = _bn_scale_shift(params[norm], stats[norm], layers.BatchNorm.epsilon)
-    folded[lin] = {"w": kernel(dense["kernel"]).astype(dtype), "b": dense["bias"].astype(dtype),
+    folded[lin] = {"w": kernel(dense["kernel"]), "b": dense["bias"].astype(dtype),
                    "gamma": (params[lin]["embed"]["embedding"] * s[None, :]).astype(dtype),
                    "shift": c.astype(dtype)}
   dense = params["lin4"]["dense"]
-  folded["lin4"] = {"w": kernel(dense["kernel"]).astype(dtype), "b": dense["bias"].astype(dtype)}
+  folded["lin4"] = {"w": kernel(dense["kernel"]), "b": dense["bias"].astype(dtype)}
   return folded
 
 
 def _linear(layer, h, layout):
   """W·h + b in `layout`: W [F_out, F_in] × h [F_in, B] -> [F_out, B] ('feature_major');
-  h [B, F_in] -> [B, F_out] as h·Wᵀ ('vector') or h @ W with W [F_in, F_out] ('batch_major')."""
+  h [B, F_in] -> [B, F_out] as h·Wᵀ ('vector'; h @ W by `bf16_matvec` for bfloat16 W
+  [F_in, F_out]) or h @ W with W [F_in, F_out] ('batch_major')."""
   if layout == "feature_major":
     return jax.lax.dot_general(layer["w"], h, (((1,), (0,)), ((), ()))) + layer["b"][:, None]
+  if layout == "vector" and layer["w"].dtype == jnp.bfloat16 and h.dtype == jnp.float32:
+    return bf16_matvec.matvec(h, layer["w"]) + layer["b"][None, :]
   if layout == "vector":
     return jax.lax.dot_general(h, layer["w"], (((1,), (1,)), ((), ()))) + layer["b"][None, :]
   return h @ layer["w"] + layer["b"][None, :]
@@ -216,7 +238,7 @@ def denoise_folded(folded, features, y_t, conditioning, t, layout: str = "featur
     [B, C] float32 ε̂.
   """
   feature_major = layout == "feature_major"
-  dtype = folded["lin1"]["w"].dtype
+  dtype = folded["lin1"]["b"].dtype
   u = jnp.concatenate([y_t, conditioning], axis=-1).astype(dtype)
   if feature_major:
     u = u.T  # [D, B]: tiny
