@@ -18,7 +18,7 @@ def test_every_format_computes_the_float32_product():
   exact = x.astype(np.float64) @ w.astype(np.float64)  # [1, 128]
   tolerance = {"float32": 1e-5, "bfloat16": 1e-2, "int8": 3e-2}  # normwise, relative
   products = matvec_formats.formats(jnp.asarray(w))
-  assert len(products) == 9
+  assert len(products) == 10
   for name, (product, weights) in products.items():
     got = np.asarray(product(jnp.asarray(x), weights), np.float64)
     assert got.shape == (1, 128), name

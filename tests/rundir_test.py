@@ -140,6 +140,7 @@ def test_eval_config_check_lets_sampling_fields_differ(run48, tiny_config):
   config = workdir_lib.read_config(os.path.join(workdir, "config.json"))
   config.training.eval_batch_size = 4
   config.diffusion.sampler, config.diffusion.predict_num_samples = "respaced", 7
+  config.diffusion.sampler_weights = "bfloat16"
   config.seed = 3
   workdir_lib.check_eval_config(config, workdir)  # accepted
   config.data.image_size = 32

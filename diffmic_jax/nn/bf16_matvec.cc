@@ -37,10 +37,9 @@ inline float Bf16ToF32(uint16_t bits) {
   return value;
 }
 
-// partial[r, :] = Σ_{k in [lo, hi)} x[r, k] · W[k, :] for every row r of x; partial [m, n].
+// partial[r, :] += Σ_{k in [lo, hi)} x[r, k] · W[k, :] for every row r of x; partial [m, n].
 void ChunkProduct(const float* x, const uint16_t* w, float* partial, int64_t m, int64_t n,
                   int64_t k, int64_t lo, int64_t hi) {
-  std::fill(partial, partial + m * n, 0.f);
   for (int64_t r = 0; r < m; ++r) {
     const float* x_row = x + r * k;
     float* acc = partial + r * n;
@@ -70,7 +69,7 @@ void ChunkProduct(const float* x, const uint16_t* w, float* partial, int64_t m, 
 struct Job {
   const float* x;
   const uint16_t* w;
-  std::vector<float> partials;  // [num_chunks, m, n]
+  std::vector<float> partials;  // [num_chunks, m, n], zeros until its chunk runs
   int64_t m, n, k, num_chunks;
   std::atomic<int64_t> next{0};
   std::atomic<int64_t> done{0};

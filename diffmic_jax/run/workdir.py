@@ -35,7 +35,7 @@ SAFE_TO_CHANGE = frozenset({
     "data.num_workers", "data.data_dir",
     "training.eval_overlays",
     "diffusion.num_samples", "diffusion.predict_num_samples", "diffusion.sampler",
-    "diffusion.test_steps",
+    "diffusion.test_steps", "diffusion.sampler_weights",
     "diffusion.val_sampler", "diffusion.val_steps",
     "diffusion.test_timesteps", "diffusion.val_timesteps",  # the deprecated names of the two above
     "optim.eval_with_ema", "model.conv_impl",
@@ -220,6 +220,7 @@ EVAL_MAY_DIFFER = frozenset({
     "diffusion.mmd_weight", "diffusion.mmd_kernel", "diffusion.sampler", "diffusion.test_steps",
     "diffusion.val_sampler", "diffusion.val_steps", "diffusion.test_timesteps",
     "diffusion.val_timesteps", "diffusion.num_samples", "diffusion.predict_num_samples",
+    "diffusion.sampler_weights",
 })
 
 

@@ -432,7 +432,8 @@ def run(config, batches, train_batches, only, sampler_entries, stages, repeats,
       "image_size": config.data.image_size, "num_classes": models.num_classes,
       "guidance_backbone": config.guidance.backbone, "encoder": config.model.encoder,
       "feature_dim": config.model.feature_dim, "timesteps": models.num_timesteps,
-      "dtype": config.model.dtype, "conv_impl": config.model.conv_impl},
+      "dtype": config.model.dtype, "conv_impl": config.model.conv_impl,
+      "sampler_weights": config.diffusion.sampler_weights},
             "jax_version": jax.__version__, "load_average": os.getloadavg(),
             "malloc": host.malloc_in_use(), "compiler_options": fast_conv.compiler_options()}
   print(f"device: {result['device']}; CPU: {result['cpu']['model']}, "

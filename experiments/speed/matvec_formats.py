@@ -18,7 +18,9 @@ float32 accumulation, also stored [out, in] and split in two halves (two indepen
 XLA's runtime may run on both cores); bfloat16 and int8 weights (per-output scale) converted to
 float32 inside the product, as a dot and as a multiply-and-reduce over the input axis (the
 form XLA fuses into one loop that reads the narrow weights once); int8 weights times
-dynamically quantised int8 activations, accumulated in int32.
+dynamically quantised int8 activations, accumulated in int32; and the bfloat16 weights through
+`bf16_matvec` (an XLA FFI handler on CPU, compiled on first use), the sampler's product under
+diffusion.sampler_weights='bfloat16'.
 
 Each formulation is compiled for each of XLA's two CPU dot libraries (`--backends`): YNNPACK,
 which the package's CPU compiler options keep for dots (`fast_conv.compiler_options`), and
@@ -32,6 +34,7 @@ import sys
 import time
 
 # Must run before JAX creates its CPU thread pool, so before any array exists.
+from diffmic_jax.nn import bf16_matvec
 from diffmic_jax.nn import fast_conv
 from diffmic_jax.platform import files
 from diffmic_jax.platform import host
@@ -133,7 +136,9 @@ def formats(w):
           "bfloat16 weights, multiply-and-reduce": (bf16_reduce, wb.T),
           "int8 weights, float32 dot": (int8_upcast_dot, (q, scale)),
           "int8 weights, multiply-and-reduce": (int8_reduce, (q.T, scale)),
-          "int8 x int8 dot (int32 accumulation)": (int8_int8_dot, (q, scale))}
+          "int8 x int8 dot (int32 accumulation)": (int8_int8_dot, (q, scale)),
+          # The sampler's product under diffusion.sampler_weights='bfloat16' (XLA FFI on CPU).
+          "bfloat16 weights, bf16_matvec handler": (bf16_matvec.matvec, wb)}
 
 
 def chain(product, steps, compiler_options):
