@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from diffmic_jax.nn import bf16_matvec
+from diffmic_jax.platform import errors
 
 pytestmark = pytest.mark.skipif(jax.default_backend() != "cpu", reason="the CPU handler")
 
@@ -72,15 +73,17 @@ def test_the_library_is_compiled_once_and_kept(tmp_path):
 
 def test_a_missing_compiler_is_one_clear_line(tmp_path, monkeypatch):
   monkeypatch.setenv("CXX", str(tmp_path / "no-such-compiler"))
-  with pytest.raises(RuntimeError, match="diffusion.sampler_weights='bfloat16'.*needs a C\\+\\+ "
-                                         "compiler.*no-such-compiler"):
+  with pytest.raises(errors.UserError, match="diffusion.sampler_weights='bfloat16'.*needs a "
+                                             "C\\+\\+ compiler.*no-such-compiler"):
     bf16_matvec.compile_library(directory=str(tmp_path))
 
 
 def test_a_failed_compile_leaves_no_library_behind(tmp_path, monkeypatch):
   monkeypatch.setenv("CXXFLAGS", "-include no_such_header_anywhere.h")
-  with pytest.raises(RuntimeError, match="compiling .*bf16_matvec.cc .* failed"):
+  with pytest.raises(errors.UserError, match="compiling .*bf16_matvec.cc .* failed: .*"
+                                             "no_such_header_anywhere.h") as raised:
     bf16_matvec.compile_library(directory=str(tmp_path))
+  assert "\n" not in str(raised.value)  # one line
   assert os.listdir(tmp_path) == []
 
 

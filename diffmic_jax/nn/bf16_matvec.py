@@ -31,6 +31,8 @@ import jax
 import jax.numpy as jnp
 import jaxlib
 
+from diffmic_jax.platform import errors
+
 SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "bf16_matvec.cc")
 _TARGET = "diffmic_bf16_matvec"
 _SYMBOL = "DiffmicBf16Matvec"
@@ -47,7 +49,7 @@ def _compiler() -> str:
   name = os.environ.get("CXX") or "c++"
   path = shutil.which(name)
   if path is None:
-    raise RuntimeError(
+    raise errors.UserError(
         f"diffusion.sampler_weights='bfloat16' on CPU compiles {SOURCE} on first use and "
         f"needs a C++ compiler: {name!r} (from $CXX, else 'c++') was not found; install one "
         "(e.g. g++) or set $CXX, or use diffusion.sampler_weights='float32'")
@@ -94,7 +96,12 @@ def compile_library(extra_flags: tuple = (), directory: str | None = None) -> st
     done = subprocess.run([compiler, *flags, SOURCE, "-o", partial], capture_output=True,
                           text=True)
     if done.returncode != 0:
-      raise RuntimeError(f"compiling {SOURCE} with {compiler} failed:\n{done.stderr.strip()}")
+      lines = done.stderr.strip().splitlines() or ["no message"]
+      first_error = next((l for l in lines if "error" in l.lower()), lines[-1])
+      raise errors.UserError(
+          f"diffusion.sampler_weights='bfloat16': compiling {SOURCE} with {compiler} "
+          f"{' '.join(flags)} failed: {first_error.strip()}; fix the compiler or $CXXFLAGS, or "
+          "use diffusion.sampler_weights='float32'")
     os.replace(partial, path)
   finally:
     if os.path.exists(partial):
@@ -128,7 +135,13 @@ def reference(x, w):
 
 
 def _cpu(x, w):
-  ensure_registered()
+  try:
+    ensure_registered()
+  except errors.UserError:
+    # `platform_dependent` traces this branch on every backend; a GPU run lowers `reference`
+    # and needs neither the compiler nor the handler.
+    if jax.default_backend() == "cpu":
+      raise
   # vmap adds a unit leading axis to w (never a copy per batch element): the handler reads
   # W [1, ..., K, N] as [K, N] and every leading axis of x as rows.
   return jax.ffi.ffi_call(_TARGET, jax.ShapeDtypeStruct(x.shape[:-1] + w.shape[1:], jnp.float32),
