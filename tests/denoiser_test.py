@@ -57,6 +57,10 @@ def test_sampling_layout_by_rows_per_product():
   assert denoiser.sampling_layout(32, 1) == denoiser.sampling_layout(2, 8) == "feature_major"
   assert denoiser.sampling_layout(1, 1) == "vector"
   assert denoiser.sampling_layout(1, 8) == "batch_major"
+  # bfloat16 sampler weights: one image's chains all read the bfloat16 kernels (bf16_matvec).
+  assert denoiser.sampling_layout(1, 8, "bfloat16") == denoiser.sampling_layout(1, 1, "bfloat16")
+  assert denoiser.sampling_layout(1, 8, "bfloat16") == "vector"
+  assert denoiser.sampling_layout(4, 1, "bfloat16") == "feature_major"
   with pytest.raises(ValueError, match="layout='rows'"):
     denoiser.fold_for_sampling(_model_and_variables()[1], layout="rows")
 

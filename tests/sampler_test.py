@@ -132,9 +132,9 @@ def test_trajectory_ends_at_the_samplers_y0(tiny):
 
 
 def test_bfloat16_sampler_weights_give_an_image_the_same_chain_alone_or_in_a_batch(tiny_config):
-  """diffusion.sampler_weights='bfloat16': one image runs `bf16_matvec` on the bfloat16
-  kernels, a batch the same rounded kernels in float32; row 0 draws the same noise in both
-  (partitionable threefry)."""
+  """diffusion.sampler_weights='bfloat16': one image (one chain or several) runs `bf16_matvec`
+  on the bfloat16 kernels, a batch the same rounded kernels in float32; row 0 draws the same
+  noise in both (partitionable threefry)."""
   config = tiny_config()
   config.diffusion.sampler_weights = "bfloat16"
   rounded = models.create_models(config)
@@ -144,11 +144,13 @@ def test_bfloat16_sampler_weights_give_an_image_the_same_chain_alone_or_in_a_bat
                                                                     32)
   images = jax.random.normal(jax.random.PRNGKey(1), (3, 32, 32, 3))
   key = jax.random.PRNGKey(5)
-  alone = sampler.make_sample_fn(rounded, "official_truncated", 6)(variables, images[:1], key)
-  batch = sampler.make_sample_fn(rounded, "official_truncated", 6)(variables, images, key)
-  float32 = sampler.make_sample_fn(exact, "official_truncated", 6)(variables, images[:1], key)
-  np.testing.assert_allclose(alone["y0"][0], batch["y0"][0], rtol=1e-4, atol=1e-4)
-  assert not np.allclose(alone["y0"], float32["y0"], rtol=1e-5, atol=1e-5)
+  for num_samples in (1, 3):  # one chain, and vmapped chains (predict's)
+    def run(bundle, x, num_samples=num_samples):
+      return sampler.make_sample_fn(bundle, "official_truncated", 6, num_samples)(variables, x,
+                                                                                  key)
+    alone, batch, float32 = run(rounded, images[:1]), run(rounded, images), run(exact, images[:1])
+    np.testing.assert_allclose(alone["y0"][0], batch["y0"][0], rtol=1e-4, atol=1e-4)
+    assert not np.allclose(alone["y0"], float32["y0"], rtol=1e-5, atol=1e-5)
   config.diffusion.sampler_weights = "int8"
   with pytest.raises(ValueError, match="diffusion.sampler_weights"):
     models.create_models(config)

@@ -26,7 +26,7 @@ def image_denoiser(models, variables, images, num_samples: int = 1):
                                    method=denoiser_lib.NoiseModel.encode)
   # Once per call, outside the chain's scan: BatchNorm folded, the weights (and ρ(x)) in the
   # layout fastest for B × S rows (`denoiser.sampling_layout`).
-  layout = denoiser_lib.sampling_layout(images.shape[0], num_samples)
+  layout = denoiser_lib.sampling_layout(images.shape[0], num_samples, models.sampler_weights)
   folded = denoiser_lib.fold_for_sampling(dvars, models.denoiser.dtype, layout,
                                           models.sampler_weights)
   features = features.T if layout == "feature_major" else features
