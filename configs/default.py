@@ -122,8 +122,8 @@ def get_config() -> ml_collections.ConfigDict:
   # labels live in [0, 1]); 0 = off (official). Stops an untrained chain from diverging.
   diffusion.clip_y0 = 0.0
   # The reverse chain's copy of the denoiser's dense kernels: float32 (exact) | bfloat16 (rounded
-  # to bfloat16, sums in float32: on CPU one image's chain reads half the bytes, 0.66-0.70 s
-  # against 1.09-1.11 s for 100 steps on a Zen 4; docs/predict.md). Training never sees it.
+  # to bfloat16, sums in float32: on CPU one image's chains read half the bytes, typically 0.73 s
+  # against 1.2 s for 100 steps on a Zen 4; docs/predict.md). Training never sees it.
   diffusion.sampler_weights = "float32"
 
   # Denoiser optimiser, REFERENCE.md §6.
