@@ -132,8 +132,8 @@ class NoiseModel(nn.Module):
 #   bfloat16, activations and sums kept in float32. One image, with any number of chains, then
 #   runs the 'vector' layout on the bfloat16 kernels themselves, as Flax stores them (one
 #   conversion per call, no transpose), multiplied by `bf16_matvec.matvec`, which reads half
-#   the bytes (Zen 4, 250 steps: one chain 2.44 against 4.51 ms per product; 8 chains 5.0 s
-#   against 5.5 s with the rounded kernels widened in 'batch_major', 5.2 s in float32);
+#   the bytes (Zen 4: 2.44 against 4.51 ms per product at one row; 8 chains of 250 steps
+#   5.0 s against 5.5 s with the rounded kernels widened in 'batch_major', 5.2 s in float32);
 #   batches of several images widen the rounded kernels back to float32, so an image gets the
 #   same ε̂ in any batch up to float32 round-off.
 
@@ -184,7 +184,7 @@ def fold_for_sampling(variables, dtype=jnp.float32, layout: str = "feature_major
   else:
     stored = ((lambda k: k.astype(dtype)) if weights == "float32"
               else (lambda k: k.astype(jnp.bfloat16).astype(dtype)))
-    kernel = (lambda k: stored(k)) if layout == "batch_major" else (lambda k: stored(k.T))
+    kernel = stored if layout == "batch_major" else (lambda k: stored(k.T))
   folded = {}
   for lin, norm in _CONDITIONAL_LAYERS:
     dense = params[lin]["lin"]["dense"]
