@@ -34,6 +34,7 @@ import threading
 import time
 
 from diffmic_jax.platform import distributed
+from diffmic_jax.platform import errors
 
 _POLL_SECONDS = 0.2
 
@@ -131,12 +132,12 @@ class Launcher:
         self.kill_at = time.monotonic() + self.grace_seconds
       if code != 0 and first_failure is None and self.signalled is None:
         first_failure = i
-        print(f"error: process {i} (pid {self.procs[i].pid}) {_describe(code)}; stopping the "
-              f"other {len(self.procs) - 1}", file=sys.stderr, flush=True)
+        errors.report(f"error: process {i} (pid {self.procs[i].pid}) {_describe(code)}; "
+                      f"stopping the other {len(self.procs) - 1}")
         self._stop(signal.SIGTERM)
     if self.signalled is not None:
-      print(f"error: launcher received {signal.Signals(self.signalled).name}; stopped all "
-            f"{len(self.procs)} processes", file=sys.stderr, flush=True)
+      errors.report(f"error: launcher received {signal.Signals(self.signalled).name}; stopped "
+                    f"all {len(self.procs)} processes")
       return 128 + self.signalled
     return 0 if first_failure is None else _exit_status(self.exited[first_failure])
 
@@ -163,7 +164,7 @@ def _parse(argv: list[str]):
   for name, value, low in (("num_processes", args.num_processes, 1),
                            ("gpus_per_process", args.gpus_per_process, 0)):
     if value < low:  # a bad value, like every user error of the package: one line, status 1
-      print(f"error: --{name}={value}; expected >= {low}", file=sys.stderr)
+      errors.report(f"error: --{name}={value}; expected >= {low}")
       sys.exit(1)
   return args, forwarded
 

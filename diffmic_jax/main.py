@@ -146,20 +146,20 @@ def main(argv) -> None:
     try:
       _run(argv)
     except USER_ERRORS as e:
-      print(f"error: {e}", file=sys.stderr)
+      errors.report(f"error: {e}")
       sys.exit(1)
     except errors.Preempted as e:  # SIGTERM/SIGINT during training: saved, then stopped
       if jax.process_index() == 0:
-        print(f"preempted: {e}", file=sys.stderr)
+        errors.report(f"preempted: {e}")
       sys.exit(e.exit_status)
     except KeyboardInterrupt:  # Ctrl-C outside the training loop: one line, not a traceback
-      print("interrupted (SIGINT); nothing half-written is kept", file=sys.stderr)
+      errors.report("interrupted (SIGINT); nothing half-written is kept")
       sys.exit(130)
     except OSError as e:
       if e.errno not in _FULL_OR_READ_ONLY:
         raise
-      print(f"error: {e.filename or 'a file'}: {e.strerror}; expected free space in a "
-            "writable --workdir (and data.data_dir)", file=sys.stderr)
+      errors.report(f"error: {e.filename or 'a file'}: {e.strerror}; expected free space in a "
+                    "writable --workdir (and data.data_dir)")
       sys.exit(1)
 
 
@@ -255,7 +255,7 @@ def _parse_flags(argv):
           "--name value (a boolean: --name or --noname), typed without the usage's [ ]")
     return rest
   except (errors.UserError, flags.Error) as e:
-    print(f"error: {e}", file=sys.stderr)
+    errors.report(f"error: {e}")
     sys.exit(1)
   except (AttributeError, KeyError) as e:  # raised by ml_collections for an unknown field
     bad = [a.split("=")[0] for a in argv[1:] if a.startswith("--config.")]
@@ -264,7 +264,7 @@ def _parse_flags(argv):
       inner = inner.args[0]
     name, _, suggestion = str(inner).partition("\n")  # "'field'\nDid you mean ...?"
     hint = f"{name}; {suggestion[:1].lower()}{suggestion[1:]}" if suggestion else name
-    print(f"error: unknown config field in {bad}: {hint}", file=sys.stderr)
+    errors.report(f"error: unknown config field in {bad}: {hint}")
     sys.exit(1)
 
 

@@ -1,8 +1,11 @@
 """The error class for mistakes a user can fix (a bad config value, file, checkpoint or workdir).
 
-`main` prints such errors as one line (`error: ...`) and exits with status 1; any other exception
-is a bug and keeps its traceback. Subclassing ValueError keeps `except ValueError` callers working.
+`main` prints such errors as one line (`error: ...`, `report`) and exits with status 1; any other
+exception is a bug and keeps its traceback. Subclassing ValueError keeps `except ValueError`
+callers working.
 """
+
+import sys
 
 
 class UserError(ValueError):
@@ -22,3 +25,15 @@ class Preempted(Exception):
     self.exit_status = 128 + signum
     super().__init__(f"stopped by {signal.Signals(signum).name} after step {step}: checkpoint "
                      f"saved in {checkpoints}; rerun the same command to resume")
+
+
+def report(line: str) -> None:
+  """Writes `line` and its newline to stderr in one write, flushed.
+
+  `print` writes the text and the newline separately, and with an unbuffered stderr
+  (PYTHONUNBUFFERED) the processes of a launched run, which share the launcher's stderr, then
+  interleave their lines ("...(3)error: ...(3)" and an empty line). One write of a short line
+  to a pipe is atomic.
+  """
+  sys.stderr.write(line + "\n")
+  sys.stderr.flush()
