@@ -32,6 +32,8 @@ from absl import logging
 from jax.experimental import multihost_utils
 from orbax.checkpoint import multihost as orbax_multihost
 
+from diffmic_jax.platform import errors
+
 COORDINATOR_ENV = "DIFFMIC_COORDINATOR_ADDRESS"  # host:port of process 0's coordinator
 NUM_PROCESSES_ENV = "DIFFMIC_NUM_PROCESSES"
 PROCESS_ID_ENV = "DIFFMIC_PROCESS_ID"
@@ -164,7 +166,7 @@ def exit_at_once_on_error():
     if status is None or not jax.distributed.is_initialized():
       raise
     if isinstance(e, KeyboardInterrupt):  # one line per process, not a traceback each
-      print("interrupted (SIGINT)", file=sys.stderr)
+      errors.report("interrupted (SIGINT)")
     elif not isinstance(e, SystemExit):  # SystemExit: the message is already printed
       traceback.print_exc()
     logging.flush()
