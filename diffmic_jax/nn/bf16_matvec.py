@@ -32,6 +32,7 @@ import jax.numpy as jnp
 import jaxlib
 
 from diffmic_jax.platform import errors
+from diffmic_jax.platform import host
 
 SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "bf16_matvec.cc")
 _TARGET = "diffmic_bf16_matvec"
@@ -56,17 +57,6 @@ def _compiler() -> str:
   return path
 
 
-def _cpu_description() -> str:
-  """What -march=native compiles for: the CPU's model and flags."""
-  try:
-    with open("/proc/cpuinfo") as f:
-      lines = [l for l in f if l.startswith(("model name", "flags", "Features"))]
-    return "".join(sorted(set(lines)))
-  except OSError:
-    import platform  # pylint: disable=g-import-not-at-top
-    return platform.processor() + platform.machine()
-
-
 def compile_library(extra_flags: tuple = (), directory: str | None = None) -> str:
   """Compiles `SOURCE` (if not compiled already) and returns the shared library's path.
 
@@ -81,9 +71,10 @@ def compile_library(extra_flags: tuple = (), directory: str | None = None) -> st
            *extra_flags]
   with open(SOURCE, "rb") as f:
     source = f.read()
+  cpu = host.cpu_description()  # what -march=native compiles for
   digest = hashlib.sha256(b"\0".join(
       [source, version.encode(), " ".join(flags).encode(), jaxlib.__version__.encode(),
-       _cpu_description().encode()])).hexdigest()[:16]
+       f"{cpu['model']} {cpu['vector_extensions']}".encode()])).hexdigest()[:16]
   directory = directory or cache_dir()
   path = os.path.join(directory, f"bf16_matvec_{digest}.so")
   if os.path.exists(path):
